@@ -1,0 +1,1 @@
+"""The ctxsim command line: a thin Typer app over the library functions."""

@@ -1,0 +1,4 @@
+"""`python -m ctxsim.cli ...` (also what torchrun launches)."""
+from ctxsim.cli.app import main
+
+main()

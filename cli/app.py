@@ -1,0 +1,109 @@
+"""The `ctxsim` command: parse options, call one library function, print the result."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ctxsim.errors import CtxsimError
+
+from ctxsim.cli.console import TrainingDisplay, console, err_console, metrics_table, new_progress, progress_callback
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Contextual-similarity metric learning: train, evaluate, export, index and search.")
+
+
+@app.command(epilog="Example: ctxsim train --recipe omniglot --data ../shared/data/omniglot --out runs/omni")
+def train(
+    recipe: Optional[str] = typer.Option(None, help="Shipped recipe name (see `ctxsim recipes`) or a YAML path."),
+    config: Optional[Path] = typer.Option(None, help="A YAML config file (applied after the recipe)."),
+    data: Optional[str] = typer.Option(None, help="Dataset root (sets data.root)."),
+    out: Path = typer.Option(Path("runs/latest"), help="Run folder to create."),
+    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=3e-4 (repeatable)."),
+    epochs: Optional[int] = typer.Option(None, help="Number of epochs (sets epochs)."),
+    weights: Optional[Path] = typer.Option(None, help="Local backbone weights (safetensors or tensor-only .pt)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
+) -> None:
+    """Train an embedding model; writes config.yaml, model.safetensors, model.json, metrics.jsonl."""
+    from ctxsim.config import parse_set, resolve_config
+    from ctxsim.train import resume as resume_run
+    from ctxsim.train import train as train_run
+
+    with new_progress() as p:
+        display = TrainingDisplay(p)
+        if resume:
+            result = resume_run(resume, display, epochs)
+        else:
+            overrides = parse_set(set_)
+            if data:
+                overrides.setdefault("data", {})["root"] = data
+            if epochs:
+                overrides["epochs"] = epochs
+            cfg = resolve_config(recipe, config, overrides)
+            result = train_run(cfg, out, display, weights)
+    console.print(metrics_table(f"held-out classes, epoch {len(result.history)}", {"test": result.metrics}))
+    console.print(f"run folder: {result.run_dir}")
+
+
+@app.command("eval", epilog="Example: ctxsim eval runs/omni --data ../shared/data/omniglot")
+def eval_(
+    run_dir: Path = typer.Argument(..., help="A run folder from `ctxsim train`."),
+    data: Optional[str] = typer.Option(None, help="Dataset root, if it moved since training."),
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Evaluate a run on its held-out classes (Recall@K, MAP@R, R-precision); writes eval.json."""
+    from ctxsim.runs import evaluate_run
+
+    with progress_callback("embedding") as progress:
+        metrics = evaluate_run(run_dir, data, progress=progress)
+    if json_out:
+        console.print_json(json.dumps(metrics))
+    else:
+        console.print(metrics_table(f"{run_dir}", {"held-out": metrics}))
+
+
+@app.command(epilog="Example: ctxsim recipes")
+def recipes() -> None:
+    """List the shipped training recipes."""
+    from ctxsim.config import list_recipes, load_yaml, recipe_path
+
+    for name in list_recipes():
+        desc = (load_yaml_raw(recipe_path(name)).get("description") or "").strip().splitlines()
+        console.print(f"[bold]{name}[/bold]  {desc[0] if desc else ''}")
+
+
+def load_yaml_raw(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text()) or {}
+
+
+@app.command(epilog="Example: ctxsim demo --out runs/demo")
+def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its run, export and index."),
+         epochs: int = typer.Option(8, help="Training epochs on the digits set.")) -> None:
+    """Offline end-to-end demo on scikit-learn's digits: train, evaluate, and print one summary table."""
+    from ctxsim.demo import run_demo
+
+    with new_progress() as p:
+        summary = run_demo(out, epochs=epochs, callback=TrainingDisplay(p))
+    for title, rows in summary.tables.items():
+        console.print(metrics_table(title, rows))
+    console.print(f"artifacts in {out}")
+
+
+def main() -> None:
+    try:
+        app()
+    except CtxsimError as e:
+        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

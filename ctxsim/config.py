@@ -1,0 +1,197 @@
+"""Typed training configuration: dataclass defaults, overridden by a recipe YAML, then by `key=value` options."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ctxsim.data.transforms import Preprocess
+from ctxsim.errors import ConfigError
+from ctxsim.nets.embedding import ModelSpec
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "digits"            # a name known to ctxsim.data.open_dataset
+    root: str | None = None            # where the dataset lives (not needed for digits)
+    val_classes: float = 0.0           # fraction of training classes (super-classes when known) held out to validate
+    sampler: str = "m_per_class"       # or "hierarchical" (two super-classes a batch, as the paper on SOP/iNat)
+    m: int = 4                         # images per class in a batch
+    batch_size: int = 128
+    batches_per_epoch: int | None = None  # default: training images // batch size
+    num_workers: int = 0
+    train_scale: tuple[float, float] = (0.16, 1.0)  # RandomResizedCrop scale range
+    flip: bool = True
+    on_error: str = "raise"            # corrupt images: "raise" or "skip" (counted and reported)
+    label_noise: float = 0.0           # fraction of training labels replaced at random (robustness studies)
+
+
+@dataclass
+class LossConfig:
+    name: str = "hybrid"
+    params: dict[str, Any] = field(default_factory=dict)
+    lr: float = 1e-3                   # learning rate of a proxy loss's own parameters
+    warmup_epochs: int = 0             # hybrid: contextual weight ramped in linearly; proxies: backbone frozen
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "adam"            # adam | adamw
+    lr: float = 1e-4                   # head learning rate; the backbone gets lr * backbone_lr_scale
+    backbone_lr_scale: float = 0.5     # the paper trains the backbone at half the head's rate
+    weight_decay: float = 1e-4
+    schedule: str = "multistep"        # multistep | step | cosine | none
+    milestones: list[int] = field(default_factory=lambda: [15, 30, 45])
+    step_size: int = 10
+    gamma: float = 0.3
+
+
+@dataclass
+class TrainConfig:
+    model: ModelSpec = field(default_factory=ModelSpec)
+    preprocess: Preprocess = field(default_factory=Preprocess.imagenet)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    epochs: int = 5
+    eval_every: int = 1
+    eval_ks: list[int] = field(default_factory=lambda: [1, 2, 4, 8])
+    eval_batch_size: int = 256
+    seed: int = 0
+    deterministic: bool = False
+    device: str = "auto"               # auto | cpu | cuda | cuda:N
+    amp: str = "auto"                  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    channels_last: bool = True         # on CUDA only
+    compile: bool = False              # torch.compile the backbone
+    tensorboard: bool = False
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+
+def _plain(obj: Any) -> Any:
+    if isinstance(obj, tuple):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_plain(v) for v in obj]
+    return obj
+
+
+def _merge(target: Any, overrides: dict, where: str = "") -> Any:
+    """Return a copy of dataclass ``target`` with ``overrides`` applied recursively; unknown keys are errors."""
+    names = {f.name: f for f in fields(target)}
+    updates = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise ConfigError(f"unknown setting {where}{key!r}; known: {', '.join(sorted(names))}")
+        current = getattr(target, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(f"setting {where}{key} must be a mapping, got {value!r}")
+            value = _merge(current, value, f"{where}{key}.")
+        elif isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(current, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
+            value = _number(value, float, f"{where}{key}")  # YAML reads 3e-4 as a string
+        elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, str):
+            value = _number(value, int, f"{where}{key}")
+        elif isinstance(current, dict) and isinstance(value, dict) and key == "params":
+            value = {**current, **value}
+        updates[key] = value
+    try:
+        return dataclasses.replace(target, **updates)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"bad value under {where or 'config'}: {e}") from None
+
+
+def _number(value, kind: type, name: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(f"setting {name} must be a number, got {value!r}") from None
+
+
+def parse_set(items: list[str]) -> dict:
+    """Turn ['optim.lr=3e-4', 'loss.params.k=8'] into a nested dict; values are parsed as YAML scalars."""
+    out: dict = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    return out
+
+
+def recipe_path(name: str) -> Path:
+    """A recipe shipped in ctxsim.models (by name) or a YAML file path."""
+    p = Path(name)
+    if p.suffix in (".yaml", ".yml") and p.exists():
+        return p
+    shipped = resources.files("ctxsim.models") / f"{name}.yaml"
+    if shipped.is_file():
+        return Path(str(shipped))
+    raise ConfigError(f"unknown recipe {name!r}; shipped recipes: {', '.join(list_recipes())}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("ctxsim.models").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_yaml(path: str | Path) -> dict:
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of settings")
+    data.pop("description", None)  # recipes carry a human description
+    return data
+
+
+def resolve_config(recipe: str | None = None, config_file: str | Path | None = None,
+                   overrides: dict | None = None) -> TrainConfig:
+    """Defaults <- recipe or config file <- overrides (e.g. from --set and --data)."""
+    cfg = TrainConfig()
+    for source in (recipe and recipe_path(recipe), config_file):
+        if source:
+            cfg = _merge(cfg, load_yaml(source))
+    if overrides:
+        cfg = _merge(cfg, copy.deepcopy(overrides))
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    cfg = _merge(TrainConfig(), d)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1:
+        raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
+    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
+        raise ConfigError(f"amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
+    if cfg.optim.optimizer not in ("adam", "adamw"):
+        raise ConfigError(f"optim.optimizer must be adam or adamw, got {cfg.optim.optimizer!r}")
+    if cfg.optim.schedule not in ("multistep", "step", "cosine", "none"):
+        raise ConfigError(f"optim.schedule must be multistep, step, cosine or none, got {cfg.optim.schedule!r}")
+    if cfg.data.on_error not in ("raise", "skip"):
+        raise ConfigError(f"data.on_error must be raise or skip, got {cfg.data.on_error!r}")
+    if not 0.0 <= cfg.data.label_noise < 1.0:
+        raise ConfigError(f"data.label_noise must be in [0, 1), got {cfg.data.label_noise}")
+    if cfg.preprocess.channels == "L" and cfg.model.in_channels != 1:
+        raise ConfigError("preprocess.channels L needs model.in_channels 1")

@@ -1,0 +1,94 @@
+"""From a TrainConfig to ready-to-use training and evaluation data: datasets, splits, transforms, sampler, loader."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ctxsim.errors import ConfigError
+
+
+@dataclass
+class RunData:
+    train: object                 # ImageDataset with the train transform
+    test: object                  # held-out classes (eval transform); a (query, gallery) pair for In-Shop
+    val: object | None            # validation classes split off the training set, or None
+    sampler: object
+    loader: object
+
+    def eval_sets(self) -> dict[str, object]:
+        return {"val": self.val, "test": self.test} if self.val is not None else {"test": self.test}
+
+
+def _open(cfg) -> tuple:
+    from ctxsim.data.layouts import open_dataset
+
+    splits = open_dataset(cfg.data.dataset, cfg.data.root, on_error=cfg.data.on_error)
+    if "query" in splits:
+        return splits["train"], (splits["query"], splits["gallery"])
+    return splits["train"], splits["test"]
+
+
+def _noisy(train, fraction: float, seed: int):
+    """Replace ``fraction`` of the training labels by labels drawn uniformly at random (robustness studies)."""
+    from ctxsim.data.datasets import Record
+
+    rng = np.random.default_rng(seed + 7919)
+    records = list(train.records)
+    flip = rng.random(len(records)) < fraction
+    names = train.class_names
+    new = [Record(r.source, names[rng.integers(len(names))], r.super_name, r.path) if f else r
+           for r, f in zip(records, flip)]
+    return train.with_records(new, names, train.super_class_names)
+
+
+def build_datasets(cfg) -> RunData:
+    from ctxsim.data.datasets import class_disjoint_split
+    from ctxsim.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
+    from ctxsim.data.transforms import eval_transform, make_loader, train_transform
+
+    d = cfg.data
+    train, test = _open(cfg)
+    val = None
+    if d.val_classes:
+        by = "super" if train.super_labels is not None and d.sampler != "hierarchical" else "class"
+        train, val = class_disjoint_split(train, holdout_fraction=d.val_classes, seed=cfg.seed, by=by)
+        val.transform = eval_transform(cfg.preprocess)
+    if d.label_noise:
+        train = _noisy(train, d.label_noise, cfg.seed)
+    train.transform = train_transform(cfg.preprocess, scale=tuple(d.train_scale), hflip=d.flip)
+    for ds in test if isinstance(test, tuple) else (test,):
+        ds.transform = eval_transform(cfg.preprocess)
+    common = dict(batch_size=d.batch_size, m=d.m, num_batches=d.batches_per_epoch, seed=cfg.seed)
+    if d.sampler == "hierarchical":
+        sampler = HierarchicalBatchSampler(train.labels, train.super_labels, **common)
+    elif d.sampler == "m_per_class":
+        sampler = MPerClassBatchSampler(train.labels, **common)
+    else:
+        raise ConfigError(f"data.sampler must be m_per_class or hierarchical, got {d.sampler!r}")
+    device = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    loader = make_loader(train, batch_sampler=sampler, num_workers=d.num_workers, device=device)
+    return RunData(train, test, val, sampler, loader)
+
+
+def open_eval_dataset(cfg, preprocess, limit: int | None = None):
+    """The run's held-out evaluation images with the eval transform; ``limit`` keeps a deterministic subset
+    of whole classes (the first classes in label order) totalling at most ``limit`` images."""
+    from ctxsim.data.datasets import subset
+    from ctxsim.data.transforms import eval_transform
+
+    _, test = _open(cfg)
+    if isinstance(test, tuple):
+        raise ConfigError("this dataset evaluates with separate query and gallery sets; use its gallery folder")
+    if limit is not None and limit < len(test):
+        labels = np.asarray(test.labels)
+        keep, total = [], 0
+        for c in range(test.num_classes):
+            idx = np.flatnonzero(labels == c)
+            if total + len(idx) > limit and keep:
+                break
+            keep.extend(idx.tolist())
+            total += len(idx)
+        test = subset(test, sorted(keep))
+    test.transform = eval_transform(preprocess)
+    return test

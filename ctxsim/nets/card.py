@@ -1,0 +1,101 @@
+"""The model card (model.json) and run-folder model I/O: weights in safetensors, architecture and preprocessing in JSON."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ctxsim.data.transforms import Preprocess
+from ctxsim.errors import ArtifactError
+from ctxsim.io import atomic_path, atomic_write_json, read_json
+from ctxsim.nets.embedding import EmbeddingNet, ModelSpec
+
+WEIGHTS = "model.safetensors"
+CARD = "model.json"
+
+
+@dataclass
+class ModelCard:
+    arch: ModelSpec
+    preprocess: Preprocess
+    fingerprint: str = ""
+    ctxsim_version: str = ""
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.arch.embedding_dim
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch.to_dict(), "preprocess": self.preprocess.to_dict(),
+                "embedding_dim": self.embedding_dim, "fingerprint": self.fingerprint,
+                "ctxsim_version": self.ctxsim_version}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelCard":
+        try:
+            return cls(ModelSpec.from_dict(d["arch"]), Preprocess.from_dict(d["preprocess"]),
+                       d.get("fingerprint", ""), d.get("ctxsim_version", ""))
+        except KeyError as e:
+            raise ArtifactError(f"model card lacks {e.args[0]!r}; re-export it with ctxsim train") from None
+
+
+def fingerprint(state: dict[str, torch.Tensor], preprocess: Preprocess) -> str:
+    """A short hash of the weights and the preprocessing contract: same model, same fingerprint."""
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous().reshape(-1)
+        h.update(f"{key}|{t.dtype}|{tuple(state[key].shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(json.dumps(preprocess.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def inference_state(model: EmbeddingNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+
+
+def save_model(folder: str | Path, model: EmbeddingNet, preprocess: Preprocess, name: str = WEIGHTS) -> ModelCard:
+    """Write weights (safetensors) and, for the main weights file, model.json; both atomically."""
+    from ctxsim import __version__
+
+    folder = Path(folder)
+    state = inference_state(model)
+    card = ModelCard(model.spec, preprocess, fingerprint(state, preprocess), __version__)
+    with atomic_path(folder / name) as tmp:
+        save_file(state, str(tmp), metadata={"fingerprint": card.fingerprint})
+    if name == WEIGHTS:
+        atomic_write_json(folder / CARD, card.to_dict())
+    return card
+
+
+def read_card(run_dir: str | Path) -> ModelCard:
+    run_dir = Path(run_dir)
+    if not (run_dir / CARD).exists():
+        raise ArtifactError(f"{run_dir} is not a run folder (no {CARD}); train one with `ctxsim train`")
+    return ModelCard.from_dict(read_json(run_dir / CARD))
+
+
+def load_run(run_dir: str | Path, weights: str = WEIGHTS) -> tuple[EmbeddingNet, ModelCard]:
+    """Build the network recorded in ``run_dir/model.json`` and load its safetensors weights (eval mode, CPU)."""
+    run_dir = Path(run_dir)
+    card = read_card(run_dir)
+    spec = ModelSpec.from_dict({**card.arch.to_dict(), "pretrained": None})  # weights come from the file
+    model = EmbeddingNet(spec)
+    path = run_dir / weights
+    if not path.exists():
+        raise ArtifactError(f"{path} not found; the run has no weights yet")
+    try:
+        state = load_file(str(path))
+    except Exception as e:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({e}); re-train or re-copy it") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ArtifactError(f"{path} does not match the architecture in {CARD}: {str(e).splitlines()[0]}") from None
+    model.spec = card.arch
+    model.eval()
+    return model, card

@@ -1,0 +1,266 @@
+"""The Trainer: m-per-class batches, the chosen loss, AMP, schedules, evaluation, atomic checkpoints and exact resume."""
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+
+from ctxsim.config import TrainConfig, config_from_dict
+from ctxsim.embed import embed_dataset
+from ctxsim.errors import ArtifactError, ConfigError, TrainingDiverged
+from ctxsim.evaluate import retrieval_metrics
+from ctxsim.io import atomic_path, atomic_write_text
+from ctxsim.losses import build_loss
+from ctxsim.nets import EmbeddingNet, load_weights_file, save_model
+
+log = logging.getLogger(__name__)
+Callback = Callable[..., None]  # callback(event: str, **info)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict[str, float]       # last evaluation on the held-out (test) classes
+    history: list[dict[str, Any]]   # every record of metrics.jsonl
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA GPU is visible; use --set device=cpu")
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    if amp == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    """Trains an EmbeddingNet into a run folder; the same object resumes from that folder's last checkpoint."""
+
+    def __init__(self, cfg: TrainConfig, run_dir: str | Path, callback: Callback | None = None,
+                 weights: str | Path | None = None):
+        from ctxsim.data.pipeline import build_datasets
+
+        self.cfg, self.run_dir, self.callback = cfg, Path(run_dir), callback or (lambda event, **info: None)
+        self.device = pick_device(cfg.device)
+        self.amp = amp_dtype(cfg.amp, self.device)
+        if cfg.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+            torch.backends.cudnn.benchmark = False
+        seed_everything(cfg.seed)
+
+        self.data = build_datasets(cfg)
+        self.model = EmbeddingNet(cfg.model)
+        if weights:
+            load_weights_file(self.model.backbone, weights)
+        self.model.to(self.device)
+        if self.device.type == "cuda" and cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(self.model) if cfg.compile else self.model
+
+        self.loss = build_loss(cfg.loss.name, num_classes=self.data.train.num_classes,
+                               embedding_dim=cfg.model.embedding_dim, **cfg.loss.params).to(self.device)
+        self.target_lam = getattr(self.loss, "lam", None)
+        o = cfg.optim
+        groups = [{"params": self.model.backbone_parameters(), "lr": o.lr * o.backbone_lr_scale},
+                  {"params": self.model.head_parameters(), "lr": o.lr}]
+        opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        self.optimizer = opt_cls(groups, weight_decay=o.weight_decay, **fused)
+        self.loss_optimizer = (torch.optim.Adam(self.loss.parameters(), lr=cfg.loss.lr, weight_decay=1e-4)
+                               if getattr(self.loss, "uses_proxies", False) else None)
+        self.scheduler = self._scheduler()
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        self.epoch = 0
+        self.history: list[dict[str, Any]] = []
+        self.tb = None
+
+    def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
+        o, sched = self.cfg.optim, torch.optim.lr_scheduler
+        if o.schedule == "multistep":
+            return sched.MultiStepLR(self.optimizer, milestones=o.milestones, gamma=o.gamma)
+        if o.schedule == "step":
+            return sched.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
+        if o.schedule == "cosine":
+            return sched.CosineAnnealingLR(self.optimizer, T_max=self.cfg.epochs)
+        return sched.LambdaLR(self.optimizer, lambda _: 1.0)
+
+    # ---- run folder -------------------------------------------------------------------------------------------
+    def _write_config(self) -> None:
+        atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+
+    def _write_metrics(self) -> None:
+        import json
+
+        atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
+
+    def _save_checkpoint(self) -> None:
+        ck = self.run_dir / "checkpoints"
+        state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "loss": self.loss.state_dict(),
+                 "loss_optimizer": self.loss_optimizer.state_dict() if self.loss_optimizer else None}
+        with atomic_path(ck / "last.state.pt") as tmp:
+            torch.save(state, tmp)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        with atomic_path(ck / "last.safetensors") as tmp:
+            save_file(weights, str(tmp), metadata={"epoch": str(self.epoch)})
+
+    def load_checkpoint(self) -> None:
+        ck = self.run_dir / "checkpoints"
+        if not (ck / "last.safetensors").exists():
+            raise ArtifactError(f"{self.run_dir} has no checkpoints/last.safetensors to resume from")
+        state = torch.load(ck / "last.state.pt", map_location=self.device, weights_only=True)
+        weights = load_file(str(ck / "last.safetensors"))
+        self.model.load_state_dict(weights)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.loss.load_state_dict(state["loss"])
+        if self.loss_optimizer and state["loss_optimizer"]:
+            self.loss_optimizer.load_state_dict(state["loss_optimizer"])
+        self.epoch = int(state["epoch"])
+        metrics = self.run_dir / "metrics.jsonl"
+        if metrics.exists():
+            import json
+
+            lines = metrics.read_text().splitlines()
+            self.history = [r for r in map(json.loads, filter(None, lines)) if r["epoch"] <= self.epoch]
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def _set_warmup(self, progress: float) -> None:
+        """Ramp the contextual weight in (hybrid) or keep the backbone still (proxy losses) during warm-up."""
+        w = self.cfg.loss.warmup_epochs
+        if w <= 0:
+            return
+        frac = min(1.0, progress / w)
+        if self.target_lam is not None:
+            self.loss.lam = self.target_lam * frac
+        if self.loss_optimizer is not None:
+            for p in self.model.backbone_parameters():
+                p.requires_grad_(frac >= 1.0)
+
+    def train_epoch(self) -> dict[str, float]:
+        cfg, data = self.cfg, self.data
+        torch.manual_seed(cfg.seed * 100_003 + self.epoch)  # per-epoch seed: resume replays the same augmentations
+        data.sampler.set_epoch(self.epoch)
+        self.model.train()
+        steps, total, seen, t0 = len(data.sampler), 0.0, 0, time.perf_counter()
+        for step, (x, y) in enumerate(data.loader):
+            self._set_warmup(self.epoch + step / steps)
+            x = x.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.device.type == "cuda" and cfg.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
+                emb = self.forward(x)
+            loss = self.loss(emb.float(), y)  # losses run in float32
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrainingDiverged(
+                    f"loss became {value} at epoch {self.epoch + 1} step {step + 1}; the last good checkpoint is "
+                    f"kept in {self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.loss_optimizer:
+                self.loss_optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            if self.loss_optimizer:
+                self.scaler.step(self.loss_optimizer)
+            self.scaler.update()
+            total += value
+            seen += len(x)
+            self.callback("step", epoch=self.epoch, step=step + 1, steps=steps, loss=value,
+                          images_per_s=seen / max(time.perf_counter() - t0, 1e-9))
+        self.scheduler.step()
+        return {"loss": total / max(steps, 1), "images_per_s": seen / max(time.perf_counter() - t0, 1e-9)}
+
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for split, ds in self.data.eval_sets().items():
+            emb, labels = embed_dataset(self.model, ds, self.cfg.eval_batch_size, self.device,
+                                        self.cfg.data.num_workers, self.amp)
+            out[split] = retrieval_metrics(emb, labels, ks=tuple(self.cfg.eval_ks))
+        return out
+
+    def fit(self) -> RunResult:
+        """Train until cfg.epochs, evaluating every cfg.eval_every epochs; returns the final evaluation."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_config()
+        self.callback("start", epochs=self.cfg.epochs, start_epoch=self.epoch, steps=len(self.data.sampler),
+                      device=str(self.device), train_images=len(self.data.train),
+                      train_classes=self.data.train.num_classes)
+        if self.cfg.tensorboard and self.tb is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        last_eval: dict[str, float] = {}
+        while self.epoch < self.cfg.epochs:
+            stats = self.train_epoch()
+            self.epoch += 1
+            record: dict[str, Any] = {"epoch": self.epoch, **stats,
+                                      "lr": self.optimizer.param_groups[1]["lr"]}
+            if self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs:
+                for split, metrics in self.evaluate().items():
+                    record.update({f"{split}/{k}": v for k, v in metrics.items()})
+                    if split == "test":
+                        last_eval = metrics
+                self.callback("eval", epoch=self.epoch, record=record)
+            self.history.append(record)
+            if self.tb:
+                for k, v in record.items():
+                    self.tb.add_scalar(k, v, self.epoch)
+            self._save_checkpoint()
+            self._write_metrics()
+            self.callback("epoch", epoch=self.epoch, record=record)
+        save_model(self.run_dir, self.model, self.cfg.preprocess)
+        self.callback("end", metrics=last_eval, run_dir=str(self.run_dir))
+        return RunResult(self.run_dir, last_eval, self.history)
+
+
+def train(cfg: TrainConfig, run_dir: str | Path, callback: Callback | None = None,
+          weights: str | Path | None = None) -> RunResult:
+    """Train a model from a resolved config into ``run_dir`` (config.yaml, model.safetensors, model.json, ...)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "checkpoints" / "last.safetensors").exists():
+        raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
+    return Trainer(cfg, run_dir, callback, weights).fit()
+
+
+def resume(run_dir: str | Path, callback: Callback | None = None, epochs: int | None = None) -> RunResult:
+    """Continue the run in ``run_dir`` from its last checkpoint, with its saved config (optionally more epochs)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").exists():
+        raise ArtifactError(f"{run_dir} is not a run folder (no config.yaml)")
+    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    if epochs is not None:
+        cfg.epochs = epochs
+    trainer = Trainer(cfg, run_dir, callback)
+    trainer.load_checkpoint()
+    return trainer.fit()
+
+
+def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

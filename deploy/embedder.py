@@ -1,0 +1,359 @@
+"""One embedder over PyTorch, ONNX Runtime and TensorRT: recorded preprocessing, a runner, batching.
+
+``Embedder.from_artifact(path)`` picks the backend from the artifact:
+
+- a run folder (``model.json`` + ``model.safetensors``) -> PyTorch (``ctxsim.nets.load_run``), preprocessed with
+  ``ctxsim.data.transforms.eval_transform(card.preprocess)``, the code evaluation uses; optional
+  ``torch.compile`` (on CUDA with ``mode="reduce-overhead"``, i.e. CUDA graphs; batches are padded to one shape);
+- a ``.onnx`` file (or an export folder holding ``model.onnx``) -> ONNX Runtime through
+  ``ctxsim.export.runners.open_runner``, preprocessed with ``ctxsim.export.contract.preprocess_batch`` and the
+  runner's contract;
+- a ``.engine`` / ``.plan`` file -> the TensorRT runner of ``ctxsim.export``.
+
+``embed(images)`` takes PIL images, paths or encoded bytes and returns float32 [N, D] L2-normalised embeddings.
+``.fingerprint`` is the model's fingerprint (the index refuses queries from another model), ``.dim`` the
+embedding size, ``.backend`` a short name ("torch:cpu", "onnxruntime:CPUExecutionProvider", "tensorrt", ...).
+
+Optional GPU JPEG decoding (``gpu_decode=True``, torch backend, CUDA only): JPEG files are decoded with
+``torchvision.io.decode_jpeg(device="cuda")`` and resized on the GPU. Its antialiased tensor resize is close to,
+but not bit-identical with, the PIL path; leave it off where exact parity with evaluation matters.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ctxsim.data.transforms import ConvertMode, Preprocess, eval_transform
+from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
+
+from ctxsim.deploy.gallery import load_image
+
+__all__ = ["Embedder", "artifact_kind", "resolve_device"]
+
+logger = logging.getLogger(__name__)
+
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+JPEG_SUFFIXES = (".jpg", ".jpeg")
+CONTRACT_KEYS = ("input_size", "resize_size", "mean", "std", "channels", "interpolation")
+
+
+def resolve_device(device: str = "auto") -> str:
+    """"auto" -> "cuda" when CUDA is available, else "cpu"; "cuda"/"cuda:N"/"cpu" are checked."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} requested but CUDA is not available; use device='cpu'")
+        return device
+    if device != "cpu":
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return device
+
+
+def artifact_kind(path: str | os.PathLike) -> tuple[str, Path]:
+    """("torch" | "onnx" | "tensorrt", the file or folder to open) for a model artifact path."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "model.json").exists():
+            return "torch", p
+        if (p / "model.onnx").exists():
+            return "onnx", p / "model.onnx"
+        raise ArtifactError(f"{p} is neither a run folder (model.json) nor an export folder (model.onnx); "
+                            "pass a run folder, a .onnx file or a TensorRT .engine")
+    if not p.exists():
+        raise ArtifactError(f"model artifact not found: {p}")
+    if p.suffix.lower() in ONNX_SUFFIXES:
+        return "onnx", p
+    if p.suffix.lower() in ENGINE_SUFFIXES:
+        return "tensorrt", p
+    if p.name == "model.json":
+        return "torch", p.parent
+    raise ArtifactError(f"{p}: unknown model artifact type; pass a run folder, a .onnx file or a .engine file")
+
+
+# ---------------------------------------------------------------------------------------------- backends
+class _TorchBackend:
+    def __init__(self, run_dir: Path, device: str, compile: bool, batch_size: int, precision: str) -> None:
+        from ctxsim.nets import load_run
+
+        model, card = load_run(run_dir)
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.card = card
+        self.preprocess_spec = card.preprocess
+        self.transform = eval_transform(card.preprocess)
+        self.fingerprint = card.fingerprint
+        self.dim = card.embedding_dim
+        self.batch_size = batch_size
+        if precision not in ("fp32", "fp16", "bf16"):
+            raise ConfigError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
+        if precision != "fp32" and self.device.type != "cuda":
+            raise ConfigError(f"precision {precision} for the torch backend needs CUDA; use precision='fp32'")
+        self.amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        self.precision = precision
+        self.compiled = False
+        self.pad = False
+        self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
+            try:
+                self._forward = torch.compile(self.model, mode=mode, dynamic=False)
+            except Exception as e:  # noqa: BLE001 - compile is an optimisation; say why it is off
+                raise ConfigError(f"torch.compile failed ({type(e).__name__}: {e}); run without compile") from None
+            self.compiled, self.pad = True, True
+        self.name = f"torch:{self.device.type}" + (":compiled" if self.compiled else "")
+        self.contract = {**card.preprocess.to_dict(), "input_format": "float_nchw",
+                         "fingerprint": card.fingerprint, "embedding_dim": card.embedding_dim}
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.stack([self.transform(im) for im in images])
+
+    @torch.inference_mode()
+    def run(self, batch: Any) -> np.ndarray:
+        x = torch.as_tensor(batch)
+        n = x.shape[0]
+        if self.pad and n < self.batch_size:  # one static shape for compiled graphs / CUDA graphs
+            x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
+        x = x.to(self.device, non_blocking=True)
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            y = self._forward(x)
+        return y[:n].float().cpu().numpy()
+
+
+class _OrtFallbackRunner:
+    """A minimal ONNX Runtime runner, used only while ``ctxsim.export.runners`` is not available."""
+
+    def __init__(self, path: Path, device: str) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise MissingDependency("ONNX models need onnxruntime: pip install onnxruntime") from None
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        try:
+            self.session = ort.InferenceSession(str(path), providers=providers)
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"{path} is not a loadable ONNX model ({e}); re-export it") from None
+        self.input = self.session.get_inputs()[0]
+        self.name = f"onnxruntime:{self.session.get_providers()[0]}"
+        self.contract = _find_contract(path, self.session.get_modelmeta().custom_metadata_map)
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch)
+        if x.dtype == np.float64:
+            x = x.astype(np.float32)
+        if "float16" in self.input.type:
+            x = x.astype(np.float16)
+        return np.asarray(self.session.run(None, {self.input.name: x})[0], dtype=np.float32)
+
+
+def _find_contract(path: Path, meta: dict[str, str]) -> dict:
+    """The preprocessing contract of an ONNX file: its metadata, else a sidecar in its folder."""
+    for value in meta.values():
+        try:
+            d = json.loads(value)
+        except (TypeError, ValueError):
+            continue
+        if isinstance(d, dict) and "input_size" in d:
+            return d
+        if isinstance(d, dict) and isinstance(d.get("contract"), dict):
+            return d["contract"]
+    for name in (path.with_suffix(".json").name, "contract.json", "manifest.json", "model.json"):
+        side = path.parent / name
+        if not side.exists():
+            continue
+        try:
+            d = json.loads(side.read_text(encoding="utf-8"))
+        except ValueError:
+            continue
+        if isinstance(d.get("contract"), dict):
+            return d["contract"]
+        if isinstance(d.get("preprocess"), dict):
+            return {**d["preprocess"], "input_format": "float_nchw", "fingerprint": d.get("fingerprint", ""),
+                    "embedding_dim": d.get("embedding_dim")}
+        if "input_size" in d:
+            return d
+    raise ArtifactError(f"{path} carries no preprocessing contract (metadata or sidecar); re-export it with "
+                        "`ctxsim export`")
+
+
+def _fallback_preprocess_batch(images: Sequence[Image.Image], contract: dict) -> np.ndarray:
+    """The eval transform (float NCHW) or resize/crop only (uint8 NHWC), from a contract dict."""
+    p = Preprocess.from_dict({k: contract[k] for k in CONTRACT_KEYS if k in contract})
+    if contract.get("input_format", "float_nchw") == "uint8_nhwc":
+        from torchvision import transforms as T
+
+        steps = T.Compose([ConvertMode(p.channels), T.Resize(p.resize_size, interpolation=p.interpolation_mode),
+                           T.CenterCrop(p.input_size)])
+        arrs = [np.asarray(steps(im), dtype=np.uint8) for im in images]
+        return np.stack([a[..., None] if a.ndim == 2 else a for a in arrs])
+    t = eval_transform(p)
+    return torch.stack([t(im) for im in images]).numpy()
+
+
+class _RunnerBackend:
+    """ONNX Runtime or TensorRT through ``ctxsim.export``'s runner and preprocessing contract."""
+
+    def __init__(self, path: Path, kind: str, device: str) -> None:
+        runner = None
+        try:
+            from ctxsim.export.runners import open_runner
+        except ImportError:
+            open_runner = None
+        if open_runner is not None:
+            kwargs = {}
+            try:
+                params = inspect.signature(open_runner).parameters
+                if "device" in params:
+                    kwargs["device"] = device
+            except (TypeError, ValueError):
+                pass
+            runner = open_runner(path, **kwargs)
+        elif kind == "onnx":
+            logger.warning("ctxsim.export.runners not available; using the built-in ONNX Runtime runner")
+            runner = _OrtFallbackRunner(path, device)
+        else:
+            raise MissingDependency("TensorRT engines need ctxsim.export's TensorRT runner and TensorRT: "
+                                    "pip install 'ctxsim[trt]' (on Jetson: TensorRT from JetPack)")
+        self.runner = runner
+        self.contract = dict(runner.contract)
+        self.name = str(getattr(runner, "name", kind))
+        self.fingerprint = str(self.contract.get("fingerprint") or "")
+        if not self.fingerprint:
+            raise ArtifactError(f"{path} records no model fingerprint; re-export it with `ctxsim export`")
+        dim = self.contract.get("embedding_dim")
+        self.dim = int(dim) if dim else None
+        try:
+            from ctxsim.export.contract import preprocess_batch
+        except ImportError:
+            preprocess_batch = _fallback_preprocess_batch
+        self._preprocess_batch = preprocess_batch
+        self.preprocess_spec = Preprocess.from_dict({k: self.contract[k] for k in CONTRACT_KEYS if k in self.contract})
+
+    def preprocess(self, images: list[Image.Image]) -> np.ndarray:
+        return self._preprocess_batch(images, self.contract)
+
+    def run(self, batch: Any) -> np.ndarray:
+        if isinstance(batch, torch.Tensor):
+            batch = batch.numpy()
+        return np.asarray(self.runner.run(batch), dtype=np.float32)
+
+
+# ---------------------------------------------------------------------------------------------- embedder
+class Embedder:
+    """Embeds images with one model artifact; see the module docstring."""
+
+    def __init__(self, backend: Any, kind: str, artifact: Path, batch_size: int = 64,
+                 gpu_decode: bool = False) -> None:
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        self._b = backend
+        self.kind = kind
+        self.artifact = artifact
+        self.batch_size = int(batch_size)
+        self.fingerprint: str = backend.fingerprint
+        self.backend: str = backend.name
+        self.contract: dict = backend.contract
+        self.preprocess_spec: Preprocess = backend.preprocess_spec
+        self._dim: int | None = backend.dim
+        self.gpu_decode = bool(gpu_decode and kind == "torch" and backend.device.type == "cuda")
+        if gpu_decode and not self.gpu_decode:
+            logger.info("gpu_decode needs the torch backend on CUDA; decoding on the CPU")
+
+    @classmethod
+    def from_artifact(cls, path: str | os.PathLike, device: str = "auto", compile: bool = False,
+                      batch_size: int = 64, precision: str = "fp32", gpu_decode: bool = False) -> "Embedder":
+        """Open a run folder (PyTorch), a .onnx file / export folder (ONNX Runtime) or a .engine (TensorRT)."""
+        kind, p = artifact_kind(path)
+        dev = resolve_device(device)
+        if kind == "torch":
+            backend = _TorchBackend(p, dev, compile, batch_size, precision)
+        else:
+            if compile:
+                logger.info("compile applies to the torch backend only; ignored for %s", kind)
+            backend = _RunnerBackend(p, kind, dev)
+        return cls(backend, kind, p, batch_size, gpu_decode)
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+        if self._dim is None:  # contract without it: ask the model once
+            self._dim = int(self.embed([Image.new(self.preprocess_spec.channels, (8, 8))]).shape[1])
+        return self._dim
+
+    def preprocess(self, images: Sequence[Image.Image]) -> Any:
+        """Decoded images -> the backend's input batch (exactly the artifact's recorded preprocessing)."""
+        return self._b.preprocess(list(images))
+
+    def run(self, batch: Any) -> np.ndarray:
+        """An already preprocessed batch -> float32 [N, D] (no batching; used by benchmarks)."""
+        return self._b.run(batch)
+
+    def embed(self, images: Iterable[Any], progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """PIL images, paths or encoded bytes -> float32 [N, D], in ``batch_size`` batches.
+
+        Raises DataError naming the first unreadable image (galleries skip those before calling this).
+        """
+        items = list(images)
+        total = len(items)
+        out: list[np.ndarray] = []
+        for start in range(0, total, self.batch_size):
+            chunk = items[start:start + self.batch_size]
+            if self.gpu_decode:
+                batch = self._gpu_batch(chunk)
+            else:
+                batch = self._b.preprocess([load_image(x) for x in chunk])
+            out.append(self._b.run(batch))
+            if progress is not None:
+                progress(start + len(chunk), total)
+        if not out:
+            dim = self._dim if self._dim is not None else 0
+            return np.zeros((0, dim), dtype=np.float32)
+        emb = np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+        if self._dim is None:
+            self._dim = int(emb.shape[1])
+        return emb
+
+    # -- optional GPU JPEG decode (torch backend on CUDA only)
+    def _gpu_batch(self, chunk: list[Any]) -> torch.Tensor:
+        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.transforms import functional as F
+
+        p: Preprocess = self.preprocess_spec
+        dev = self._b.device
+        out = []
+        for x in chunk:
+            if isinstance(x, (str, os.PathLike)) and str(x).lower().endswith(JPEG_SUFFIXES):
+                data = torch.frombuffer(bytearray(Path(x).read_bytes()), dtype=torch.uint8)
+                mode = ImageReadMode.GRAY if p.channels == "L" else ImageReadMode.RGB
+                img = decode_jpeg(data, mode=mode, device=dev)
+                img = F.resize(img, p.resize_size, interpolation=p.interpolation_mode, antialias=True)
+                img = F.center_crop(img, p.input_size).float().div_(255)
+                out.append(F.normalize(img, p.mean, p.std))
+            else:
+                out.append(self._b.transform(load_image(x)).to(dev))
+        return torch.stack(out)
+
+    def time_batch(self, batch: Any, repeats: int = 10) -> list[float]:
+        """Seconds per call of ``run(batch)`` over ``repeats`` calls (after one warm-up call)."""
+        self._b.run(batch)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self._b.run(batch)
+            times.append(time.perf_counter() - t0)
+        return times
+
+    def __repr__(self) -> str:
+        return f"Embedder(backend={self.backend!r}, fingerprint={self.fingerprint!r}, artifact={str(self.artifact)!r})"

@@ -1,0 +1,177 @@
+"""Galleries to index: a class-per-folder tree or a list file (``path [label]``); unreadable images are reported.
+
+A gallery is a list of :class:`GalleryItem` (path, label or None):
+
+- a folder whose sub-folders are classes (``root/<label>/**/<image>``, label = sub-folder name); image files
+  directly under ``root`` are items without a label;
+- a list file (any file that is not an image): one ``path [label]`` per line. A line with a comma is split on
+  commas (so paths may hold spaces), otherwise on whitespace; relative paths are resolved against the list
+  file's folder; blank lines and ``#`` comments are ignored;
+- a Python sequence of paths, ``(path, label)`` pairs or :class:`GalleryItem` s.
+
+Nothing is decoded while scanning. Images are decoded when they are embedded; one that cannot be read is
+skipped and reported as ``(path, reason)`` (see :func:`load_images`), never silently dropped.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from PIL import Image
+
+from ctxsim.data.datasets import IMG_EXTENSIONS, natural_key, open_image, scan_class_folders
+from ctxsim.errors import DataError
+
+__all__ = ["GalleryItem", "Gallery", "open_gallery", "load_image", "load_images"]
+
+
+@dataclass(frozen=True)
+class GalleryItem:
+    """One image to index: where it is and its label (a class name), if known."""
+
+    path: str
+    label: str | None = None
+
+
+@dataclass
+class Gallery:
+    """The items of a gallery in a deterministic order, and where they came from."""
+
+    items: list[GalleryItem]
+    source: str = ""
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # filled while embedding
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def paths(self) -> list[str]:
+        return [it.path for it in self.items]
+
+    @property
+    def labels(self) -> list[str | None]:
+        return [it.label for it in self.items]
+
+
+def _is_image_name(name: str) -> bool:
+    return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _split_line(line: str) -> list[str]:
+    if "," in line:
+        return [p.strip() for p in line.split(",")]
+    return line.split()
+
+
+def _strip_comment(line: str) -> str:
+    s = line.strip()
+    if s.startswith("#"):
+        return ""
+    m = re.search(r"\s#", s)
+    return s[: m.start()].strip() if m else s
+
+
+def _from_folder(root: Path) -> list[GalleryItem]:
+    items = [GalleryItem(str(p), None)
+             for p in sorted((p for p in root.iterdir() if p.is_file() and _is_image_name(p.name)),
+                             key=lambda p: natural_key(p.name))]
+    for name, files in scan_class_folders(root, IMG_EXTENSIONS):
+        items.extend(GalleryItem(str(p), name) for p in files)
+    return items
+
+
+def _from_list_file(path: Path) -> list[GalleryItem]:
+    items = []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise DataError(f"{path} is neither an image folder nor a UTF-8 list file of 'path [label]' lines") from None
+    for n, raw in enumerate(text.splitlines(), 1):
+        line = _strip_comment(raw)
+        if not line:
+            continue
+        parts = _split_line(line)
+        if len(parts) not in (1, 2) or not all(parts):
+            raise DataError(f"{path}:{n}: expected 'path [label]', got {raw.strip()!r}")
+        p = Path(parts[0]).expanduser()
+        full = p if p.is_absolute() else path.parent / p
+        items.append(GalleryItem(str(full), parts[1] if len(parts) == 2 else None))
+    return items
+
+
+def open_gallery(source: str | os.PathLike | Gallery | Sequence[Any]) -> Gallery:
+    """Scan a gallery: a class-per-folder tree, a list file, or a sequence of paths / (path, label) pairs.
+
+    Raises DataError when the folder or list file is missing or holds no images.
+    """
+    if isinstance(source, Gallery):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source).expanduser()
+        if path.is_dir():
+            items = _from_folder(path)
+            if not items:
+                raise DataError(f"no images ({', '.join(IMG_EXTENSIONS)}) in {path} or its class sub-folders")
+        elif path.is_file() and _is_image_name(path.name):
+            items = [GalleryItem(str(path), None)]
+        elif path.is_file():
+            items = _from_list_file(path)
+            if not items:
+                raise DataError(f"list file {path} names no images")
+        else:
+            raise DataError(f"gallery not found: {path} (give a class-per-folder tree or a list file)")
+        return Gallery(items, str(path))
+    items = []
+    for x in source:
+        if isinstance(x, GalleryItem):
+            items.append(x)
+        elif isinstance(x, (str, os.PathLike)):
+            items.append(GalleryItem(str(x), None))
+        elif isinstance(x, (tuple, list)) and len(x) == 2:
+            items.append(GalleryItem(str(x[0]), None if x[1] is None else str(x[1])))
+        else:
+            raise DataError(f"gallery entries must be paths or (path, label) pairs, got {x!r}")
+    if not items:
+        raise DataError("the gallery is empty")
+    return Gallery(items, "<list>")
+
+
+def load_image(source: Any) -> Image.Image:
+    """Decode one image (a path, bytes, a file object, or a PIL image) as "L" or "RGB"; DataError if unreadable."""
+    if isinstance(source, Image.Image):
+        if source.mode in ("L", "RGB"):
+            return source
+        return source.convert("L" if source.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        import io
+
+        source = io.BytesIO(bytes(source))
+    name = str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
+    try:
+        return open_image(source)
+    except FileNotFoundError:
+        raise DataError(f"image not found: {name}") from None
+    except IsADirectoryError:
+        raise DataError(f"not an image file (a folder): {name}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image too large (decompression-bomb limit): {name}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - any decode failure is a data problem
+        raise DataError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
+
+
+def load_images(sources: Iterable[Any]) -> tuple[list[Image.Image], list[int], list[tuple[str, str]]]:
+    """Decode several images, skipping unreadable ones.
+
+    Returns (images, positions of the decoded ones in ``sources``, [(path, reason)] of the skipped ones).
+    """
+    images, ok, bad = [], [], []
+    for i, s in enumerate(sources):
+        try:
+            images.append(load_image(s))
+            ok.append(i)
+        except DataError as e:
+            bad.append((str(s) if not isinstance(s, Image.Image) else f"<image {i}>", str(e)))
+    return images, ok, bad

@@ -1,0 +1,1 @@
+"""Model recipes (YAML) shipped as package data: one per dataset/backbone with the paper's settings."""
