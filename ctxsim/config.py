@@ -19,6 +19,7 @@ from ctxsim.nets.embedding import ModelSpec
 class DataConfig:
     dataset: str = "digits"            # a name known to ctxsim.data.open_dataset
     root: str | None = None            # where the dataset lives (not needed for digits)
+    test_classes: float = 0.5          # a dataset without a test split: fraction of classes held out for testing
     val_classes: float = 0.0           # fraction of training classes (super-classes when known) held out to validate
     sampler: str = "m_per_class"       # or "hierarchical" (two super-classes a batch, as the paper on SOP/iNat)
     m: int = 4                         # images per class in a batch
@@ -90,7 +91,7 @@ def _merge(target: Any, overrides: dict, where: str = "") -> Any:
     updates = {}
     for key, value in overrides.items():
         if key not in names:
-            raise ConfigError(f"unknown setting {where}{key!r}; known: {', '.join(sorted(names))}")
+            raise ConfigError(f"unknown setting '{where}{key}'; known: {', '.join(sorted(names))}")
         current = getattr(target, key)
         if is_dataclass(current):
             if not isinstance(value, dict):

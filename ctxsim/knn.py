@@ -174,13 +174,13 @@ def knn(
         ConfigError: bad shapes, dtypes, NaN/inf values, mismatched dimensions, k out of range,
             an unknown backend or a non-positive chunk size.
     """
+    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
+        raise ConfigError(f"k must be an integer >= 1, got {k!r}")
     searcher = ExactSearcher(gallery, backend=backend)
     if exclude_self and queries is gallery:
         q = searcher.gallery
     else:
         q = searcher.check_queries(queries)
-    if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
-        raise ConfigError(f"k must be an integer >= 1, got {k!r}")
     k = int(k)
     if exclude_self and q.shape[0] != searcher.n:
         raise ConfigError(

@@ -21,7 +21,6 @@ but not bit-identical with, the PIL path; leave it off where exact parity with e
 from __future__ import annotations
 
 import inspect
-import json
 import logging
 import os
 import time
@@ -32,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ctxsim.data.transforms import ConvertMode, Preprocess, eval_transform
+from ctxsim.data.transforms import Preprocess, eval_transform
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
 
 from ctxsim.deploy.gallery import load_image
@@ -130,102 +129,29 @@ class _TorchBackend:
         return y[:n].float().cpu().numpy()
 
 
-class _OrtFallbackRunner:
-    """A minimal ONNX Runtime runner, used only while ``ctxsim.export.runners`` is not available."""
-
-    def __init__(self, path: Path, device: str) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise MissingDependency("ONNX models need onnxruntime: pip install onnxruntime") from None
-        providers = ["CPUExecutionProvider"]
-        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-            providers.insert(0, "CUDAExecutionProvider")
-        try:
-            self.session = ort.InferenceSession(str(path), providers=providers)
-        except Exception as e:  # noqa: BLE001
-            raise ArtifactError(f"{path} is not a loadable ONNX model ({e}); re-export it") from None
-        self.input = self.session.get_inputs()[0]
-        self.name = f"onnxruntime:{self.session.get_providers()[0]}"
-        self.contract = _find_contract(path, self.session.get_modelmeta().custom_metadata_map)
-
-    def run(self, batch: np.ndarray) -> np.ndarray:
-        x = np.ascontiguousarray(batch)
-        if x.dtype == np.float64:
-            x = x.astype(np.float32)
-        if "float16" in self.input.type:
-            x = x.astype(np.float16)
-        return np.asarray(self.session.run(None, {self.input.name: x})[0], dtype=np.float32)
-
-
-def _find_contract(path: Path, meta: dict[str, str]) -> dict:
-    """The preprocessing contract of an ONNX file: its metadata, else a sidecar in its folder."""
-    for value in meta.values():
-        try:
-            d = json.loads(value)
-        except (TypeError, ValueError):
-            continue
-        if isinstance(d, dict) and "input_size" in d:
-            return d
-        if isinstance(d, dict) and isinstance(d.get("contract"), dict):
-            return d["contract"]
-    for name in (path.with_suffix(".json").name, "contract.json", "manifest.json", "model.json"):
-        side = path.parent / name
-        if not side.exists():
-            continue
-        try:
-            d = json.loads(side.read_text(encoding="utf-8"))
-        except ValueError:
-            continue
-        if isinstance(d.get("contract"), dict):
-            return d["contract"]
-        if isinstance(d.get("preprocess"), dict):
-            return {**d["preprocess"], "input_format": "float_nchw", "fingerprint": d.get("fingerprint", ""),
-                    "embedding_dim": d.get("embedding_dim")}
-        if "input_size" in d:
-            return d
-    raise ArtifactError(f"{path} carries no preprocessing contract (metadata or sidecar); re-export it with "
-                        "`ctxsim export`")
-
-
-def _fallback_preprocess_batch(images: Sequence[Image.Image], contract: dict) -> np.ndarray:
-    """The eval transform (float NCHW) or resize/crop only (uint8 NHWC), from a contract dict."""
-    p = Preprocess.from_dict({k: contract[k] for k in CONTRACT_KEYS if k in contract})
-    if contract.get("input_format", "float_nchw") == "uint8_nhwc":
-        from torchvision import transforms as T
-
-        steps = T.Compose([ConvertMode(p.channels), T.Resize(p.resize_size, interpolation=p.interpolation_mode),
-                           T.CenterCrop(p.input_size)])
-        arrs = [np.asarray(steps(im), dtype=np.uint8) for im in images]
-        return np.stack([a[..., None] if a.ndim == 2 else a for a in arrs])
-    t = eval_transform(p)
-    return torch.stack([t(im) for im in images]).numpy()
-
-
 class _RunnerBackend:
     """ONNX Runtime or TensorRT through ``ctxsim.export``'s runner and preprocessing contract."""
 
     def __init__(self, path: Path, kind: str, device: str) -> None:
-        runner = None
         try:
+            from ctxsim.export.contract import preprocess_batch
             from ctxsim.export.runners import open_runner
-        except ImportError:
-            open_runner = None
-        if open_runner is not None:
-            kwargs = {}
-            try:
-                params = inspect.signature(open_runner).parameters
-                if "device" in params:
-                    kwargs["device"] = device
-            except (TypeError, ValueError):
-                pass
+        except ImportError as e:
+            raise MissingDependency(f"{kind} artifacts need ctxsim.export ({e}); reinstall ctxsim") from None
+        kwargs: dict[str, Any] = {}
+        try:
+            params = inspect.signature(open_runner).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if "device" in params:
+            kwargs["device"] = device
+        elif "providers" in params and kind == "onnx" and device == "cpu":
+            kwargs["providers"] = ["CPUExecutionProvider"]
+        try:
             runner = open_runner(path, **kwargs)
-        elif kind == "onnx":
-            logger.warning("ctxsim.export.runners not available; using the built-in ONNX Runtime runner")
-            runner = _OrtFallbackRunner(path, device)
-        else:
-            raise MissingDependency("TensorRT engines need ctxsim.export's TensorRT runner and TensorRT: "
-                                    "pip install 'ctxsim[trt]' (on Jetson: TensorRT from JetPack)")
+        except ImportError as e:  # the TensorRT runner imports tensorrt / cuda bindings
+            raise MissingDependency(f"{kind} artifacts need {e.name or 'TensorRT'}: pip install 'ctxsim[trt]' "
+                                    "(on Jetson: TensorRT from JetPack)") from None
         self.runner = runner
         self.contract = dict(runner.contract)
         self.name = str(getattr(runner, "name", kind))
@@ -234,10 +160,6 @@ class _RunnerBackend:
             raise ArtifactError(f"{path} records no model fingerprint; re-export it with `ctxsim export`")
         dim = self.contract.get("embedding_dim")
         self.dim = int(dim) if dim else None
-        try:
-            from ctxsim.export.contract import preprocess_batch
-        except ImportError:
-            preprocess_batch = _fallback_preprocess_batch
         self._preprocess_batch = preprocess_batch
         self.preprocess_spec = Preprocess.from_dict({k: self.contract[k] for k in CONTRACT_KEYS if k in self.contract})
 

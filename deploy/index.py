@@ -497,7 +497,9 @@ def load_index(index_dir: str | os.PathLike, verify: bool = True, gpu: bool = Fa
         if _want_gpu(gpu, info.index_type):
             backend = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, backend)
         _apply_search_params(backend, info.index_type, info.params)
-        idx = Index(info, items, backend, None, emb_path)
+        # memory-mapped now, so that a later `add` superseding the file does not pull it from under us
+        emb = np.load(emb_path, mmap_mode="r", allow_pickle=False) if emb_path is not None else None
+        idx = Index(info, items, backend, emb, emb_path)
     if getattr(idx.backend, "ntotal", info.count) != info.count:
         raise ArtifactError(f"{folder}: the index holds {idx.backend.ntotal} vectors but {META} says {info.count}; "
                             "rebuild the index")

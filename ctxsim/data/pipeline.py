@@ -26,7 +26,12 @@ def _open(cfg) -> tuple:
     splits = open_dataset(cfg.data.dataset, cfg.data.root, on_error=cfg.data.on_error)
     if "query" in splits:
         return splits["train"], (splits["query"], splits["gallery"])
-    return splits["train"], splits["test"]
+    if "test" in splits:
+        return splits["train"], splits["test"]
+    # a plain folder or list file: hold out whole classes for testing, deterministically
+    from ctxsim.data.datasets import class_disjoint_split
+
+    return class_disjoint_split(splits["all"], holdout_fraction=cfg.data.test_classes, seed=cfg.seed)
 
 
 def _noisy(train, fraction: float, seed: int):

@@ -7,7 +7,8 @@ same-label indicator y (diagonal 1):
     L+_ij = relu(m+ - S_ij) * y_ij,    L-_ij = relu(S_ij - m-) * (1 - y_ij)
     loss  = sum L+ / #{L+ > 0}  +  sum L- / #{L- > 0}      (a term with no active entry is 0)
 
-The diagonal is included (it is inactive whenever S_ii = 1 > m+). The paper's contrastive baseline uses
+The diagonal is included, as in the code (inactive as long as S_ii = 1 >= m+; with m+ = 1 a rounded
+S_ii slightly below 1 counts as a tiny active positive). The paper's contrastive baseline uses
 m+ = 0.9, m- = 0.6; the hybrid loss of the 256-px script uses m+ = 0.75, m- = 0.6. Differences from the
 official code: a term with no active entry is a 0 that keeps the autograd graph, dtype and device (the code
 returns a fresh CPU `torch.tensor(0.)`); the value is the same.

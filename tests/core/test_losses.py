@@ -524,6 +524,22 @@ def test_every_registered_loss_builds_and_backprops(name):
         assert not params
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_every_registered_loss_is_float32_under_autocast(name):
+    torch.manual_seed(1)
+    x = torch.randn(16, 8).to(torch.bfloat16)
+    labels = torch.arange(4).repeat_interleave(4)
+    loss_fn = build_loss(name, num_classes=4, embedding_dim=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = loss_fn(x, labels)
+    assert inside.dtype == torch.float32
+    if name not in {"triplet"}:  # the distance-weighted miner samples at random
+        torch.manual_seed(2)
+        a = loss_fn(x, labels)
+        torch.manual_seed(2)
+        assert a.item() == pytest.approx(loss_fn(x.float(), labels).item(), rel=1e-6)
+
+
 def test_proxy_loss_checks_labels_and_dim():
     loss_fn = build_loss("proxy-nca", num_classes=3, embedding_dim=4)
     with pytest.raises(DataError, match="num_classes"):

@@ -1,0 +1,199 @@
+"""Search an index with query images, check an approximate index's recall, and draw result grids.
+
+``search(index_dir, images, k)`` embeds the queries with the index's model (or ``model``; another model is
+refused with FingerprintMismatch) and returns one :class:`QueryResult` per query with its ranked
+:class:`Neighbor` s ``(rank, score, id, path, label)``. ``check_recall`` measures recall@k of the index against
+exact search over the same stored embeddings. ``write_grid`` draws one row per query: the query, then its
+neighbours, each framed green (same label as the query) or red (different), grey when a label is unknown, with
+the score underneath.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from ctxsim.errors import ConfigError, DataError
+from ctxsim.io import atomic_path
+
+from ctxsim.deploy.gallery import GalleryItem, load_image, load_images, open_gallery
+from ctxsim.deploy.index import Index, load_index
+
+__all__ = ["Neighbor", "QueryResult", "search", "search_embeddings", "check_recall", "write_grid", "grid_size",
+           "GRID_BORDER", "GRID_CAPTION"]
+
+
+class Neighbor(NamedTuple):
+    """One retrieved item."""
+
+    rank: int
+    score: float
+    id: int
+    path: str
+    label: str | None
+
+
+@dataclass
+class QueryResult:
+    """The neighbours of one query (``query`` is its path, or ``<image i>`` for an in-memory image)."""
+
+    query: str
+    neighbors: list[Neighbor]
+    label: str | None = None
+    image: Image.Image | None = field(default=None, repr=False, compare=False)
+
+    def __iter__(self):  # (query, neighbors) unpacking
+        return iter((self.query, self.neighbors))
+
+    def to_dict(self) -> dict:
+        return {"query": self.query, "label": self.label, "neighbors": [n._asdict() for n in self.neighbors]}
+
+
+def _as_index(index: str | os.PathLike | Index) -> Index:
+    return index if isinstance(index, Index) else load_index(index)
+
+
+def _open_model(index: Index, model: Any, batch_size: int) -> Any:
+    from ctxsim.deploy.embedder import Embedder
+
+    if model is None:
+        ref = index.info.model
+        if not ref or not Path(ref).exists():
+            raise ConfigError(f"the model that built the index ({ref}) is not available; pass model=... (--model)")
+        model = ref
+    emb = model if hasattr(model, "embed") and hasattr(model, "fingerprint") else \
+        Embedder.from_artifact(model, batch_size=batch_size)
+    index.check_model(emb.fingerprint)
+    return emb
+
+
+def _queries(images: Any) -> tuple[list[Any], list[str], list[str | None]]:
+    """Query sources, display names and labels from a gallery path, a sequence of paths/PIL images, or one image."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (str, os.PathLike)):
+        g = open_gallery(images)
+        return [it.path for it in g.items], [it.path for it in g.items], [it.label for it in g.items]
+    srcs, names, labels = [], [], []
+    for i, x in enumerate(images):
+        if isinstance(x, GalleryItem):
+            srcs.append(x.path), names.append(x.path), labels.append(x.label)
+        elif isinstance(x, Image.Image):
+            srcs.append(x), names.append(f"<image {i}>"), labels.append(None)
+        elif isinstance(x, (tuple, list)) and len(x) == 2:
+            srcs.append(x[0]), names.append(str(x[0])), labels.append(None if x[1] is None else str(x[1]))
+        else:
+            srcs.append(x), names.append(str(x)), labels.append(None)
+    return srcs, names, labels
+
+
+def search_embeddings(index: Index, embeddings: np.ndarray, k: int = 10) -> list[list[Neighbor]]:
+    """Neighbours of already-embedded queries (the caller is responsible for using the index's model)."""
+    scores, ids = index.search(embeddings, k)
+    items = index.items
+    out = []
+    for s_row, i_row in zip(scores, ids):
+        row = [Neighbor(r + 1, float(s), int(i), items[i].path, items[i].label)
+               for r, (s, i) in enumerate(zip(s_row, i_row)) if i >= 0]
+        out.append(row)
+    return out
+
+
+def search(index_dir: str | os.PathLike | Index, images: Any, k: int = 10, model: Any = None,
+           batch_size: int = 64, skip_unreadable: bool = False,
+           progress: Callable[[int, int], None] | None = None) -> list[QueryResult]:
+    """Embed query images (paths, PIL images, or a gallery folder / list file) and return their top-``k``.
+
+    The model defaults to the one recorded in index.json; a model with another fingerprint is refused.
+    An unreadable query raises DataError, or is left out with ``skip_unreadable=True``.
+    """
+    index = _as_index(index_dir)
+    embedder = _open_model(index, model, batch_size)
+    srcs, names, labels = _queries(images)
+    if not srcs:
+        raise DataError("no query images given")
+    if skip_unreadable:
+        decoded, ok, _ = load_images(srcs)
+    else:
+        decoded, ok = [load_image(s) for s in srcs], list(range(len(srcs)))
+    emb = embedder.embed(decoded, progress=progress)
+    rows = search_embeddings(index, emb, k)
+    return [QueryResult(names[i], row, labels[i], decoded[j]) for j, (i, row) in enumerate(zip(ok, rows))]
+
+
+def check_recall(index_dir: str | os.PathLike | Index, k: int = 10, n_queries: int = 1000, seed: int = 0,
+                 queries: np.ndarray | None = None) -> dict:
+    """Recall@k of the index against exact search over the same stored embeddings.
+
+    Queries: ``queries`` if given, else ``n_queries`` stored embeddings drawn at random (seeded). Recall@k is
+    |approximate top-k  intersect  exact top-k| / k averaged over queries (1.0 for an exact index, up to ties).
+    """
+    index = _as_index(index_dir)
+    emb = np.asarray(index.embeddings, np.float32)
+    if queries is None:
+        rng = np.random.default_rng(seed)
+        sel = rng.choice(len(emb), size=min(n_queries, len(emb)), replace=False)
+        queries = emb[np.sort(sel)]
+    q = np.ascontiguousarray(np.asarray(queries, np.float32))
+    kk = min(int(k), index.count)
+    _, approx = index.search(q, kk)
+    _, exact = index.exact_search(q, kk)
+    hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx, exact)]
+    return {"recall": float(np.mean(hits) / kk), "k": kk, "queries": len(q), "index_type": index.index_type,
+            "count": index.count}
+
+
+# ---------------------------------------------------------------------------------------------- grid
+GRID_BORDER = 4     # coloured frame around each thumbnail, px
+GRID_CAPTION = 14   # text line under each thumbnail, px
+_GREEN, _RED, _GREY, _BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (60, 90, 200)
+
+
+def grid_size(rows: int, cols: int, thumb: int = 96) -> tuple[int, int]:
+    """(width, height) of a grid: each cell is (thumb + 2 * GRID_BORDER) wide, (thumb + 2 * GRID_BORDER +
+    GRID_CAPTION) high; ``cols`` = 1 (the query) + the most neighbours of any row."""
+    return cols * (thumb + 2 * GRID_BORDER), rows * (thumb + 2 * GRID_BORDER + GRID_CAPTION)
+
+
+def _thumb(src: Any, thumb: int) -> Image.Image:
+    try:
+        im = load_image(src).convert("RGB")
+    except DataError:
+        return Image.new("RGB", (thumb, thumb), (220, 220, 220))
+    im.thumbnail((thumb, thumb))
+    canvas = Image.new("RGB", (thumb, thumb), (255, 255, 255))
+    canvas.paste(im, ((thumb - im.width) // 2, (thumb - im.height) // 2))
+    return canvas
+
+
+def write_grid(results: Sequence[QueryResult], out_png: str | os.PathLike, thumb: int = 96) -> tuple[int, int]:
+    """Draw ``results`` (one row per query) into a PNG of :func:`grid_size` pixels; returns (width, height)."""
+    if not results:
+        raise ConfigError("no results to draw")
+    if thumb < 8:
+        raise ConfigError(f"thumb must be >= 8 px, got {thumb}")
+    cols = 1 + max(len(r.neighbors) for r in results)
+    w, h = grid_size(len(results), cols, thumb)
+    cell_w, cell_h = thumb + 2 * GRID_BORDER, thumb + 2 * GRID_BORDER + GRID_CAPTION
+    img = Image.new("RGB", (w, h), (255, 255, 255))
+    draw = ImageDraw.Draw(img)
+    font = ImageFont.load_default()
+    for r, res in enumerate(results):
+        y = r * cell_h
+        cells = [(res.image if res.image is not None else res.query, _BLUE, "query")]
+        for n in res.neighbors:
+            colour = _GREY if res.label is None or n.label is None else (_GREEN if n.label == res.label else _RED)
+            cells.append((n.path, colour, f"{n.score:.3f}"))
+        for c, (src, colour, caption) in enumerate(cells):
+            x = c * cell_w
+            draw.rectangle([x, y, x + cell_w - 1, y + thumb + 2 * GRID_BORDER - 1], fill=colour)
+            img.paste(_thumb(src, thumb), (x + GRID_BORDER, y + GRID_BORDER))
+            draw.text((x + GRID_BORDER, y + thumb + 2 * GRID_BORDER + 1), caption, fill=(0, 0, 0), font=font)
+    out = Path(out_png)
+    with atomic_path(out) as tmp:
+        img.save(tmp, format="PNG")
+    return w, h

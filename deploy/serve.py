@@ -1,0 +1,377 @@
+"""HTTP serving for one box: a FastAPI app with search, embed, health and info endpoints and dynamic batching.
+
+Endpoints (``create_app``):
+
+- ``POST /search``: multipart upload (field ``image`` or ``file``), ``k`` as a form field or query parameter;
+  returns ``{"k", "results": [{"rank", "score", "id", "path", "label"}], "fingerprint", "index_type"}``.
+- ``POST /embed``: multipart upload; returns ``{"embedding": [...], "dim", "fingerprint"}``.
+- ``GET /healthz``: ``{"status": "ok"}`` (never needs the token, for load balancers).
+- ``GET /info``: model fingerprint, backend, index type/count/dim/params and batching counters
+  (``batching.requests``, ``batching.batches``, ``batching.max_batch_seen``).
+
+Protection: with ``token`` every endpoint but ``/healthz`` needs ``Authorization: Bearer <token>`` (401 otherwise,
+checked before the body is read). Request bodies over ``max_upload_bytes`` (plus a little multipart overhead) get
+413 from the Content-Length header or while streaming; images over ``max_pixels`` get 413 before they are decoded;
+non-images get 415, corrupt images 400. Every error body is JSON ``{"error": "..."}``.
+
+Dynamic batching: each request puts its decoded image on an asyncio queue; one batcher task takes the first
+waiting request, collects more for up to ``batch_wait_ms`` (at most ``max_batch``), and hands the whole batch to a
+single worker thread that embeds it in one call (and searches the index with the batch). Requests that arrive
+while a batch is being embedded form the next batch.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import io
+import ipaddress
+import json
+import logging
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ctxsim.errors import ConfigError, MissingDependency
+
+__all__ = ["create_app", "serve", "Batcher", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_UPLOAD_BYTES = 10 * 1024 * 1024
+DEFAULT_MAX_PIXELS = 40_000_000
+MULTIPART_SLACK = 64 * 1024   # form fields and multipart boundaries on top of the image bytes
+OPEN_PATHS = ("/healthz",)
+
+
+def _fastapi():
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401  (python-multipart, for uploads)
+    except ImportError:
+        raise MissingDependency("serving needs FastAPI: pip install 'ctxsim[serve]'") from None
+
+
+class _HTTPError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+# ---------------------------------------------------------------------------------------------- batching
+class Batcher:
+    """Collects concurrent embed/search requests into batches embedded by one worker thread."""
+
+    def __init__(self, embedder: Any, index: Any, max_batch: int = 32, wait_ms: float = 5.0) -> None:
+        if max_batch < 1:
+            raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
+        self.embedder, self.index = embedder, index
+        self.max_batch, self.wait_s = int(max_batch), max(0.0, float(wait_ms)) / 1000.0
+        self.requests = 0
+        self.batches = 0
+        self.max_batch_seen = 0
+        self.errors = 0
+        self._queue: asyncio.Queue | None = None
+        self._task: asyncio.Task | None = None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctxsim-embed")
+        self._lock = threading.Lock()
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {"requests": self.requests, "batches": self.batches, "max_batch_seen": self.max_batch_seen,
+                    "max_batch": self.max_batch, "wait_ms": self.wait_s * 1000.0, "errors": self.errors}
+
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._loop(), name="ctxsim-batcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    async def submit(self, image: Image.Image, k: int | None) -> tuple[np.ndarray, list | None]:
+        """Embed one image (and search it when ``k`` is given) as part of the next batch."""
+        if self._queue is None:
+            raise RuntimeError("the batcher is not running (app lifespan not started)")
+        fut = asyncio.get_running_loop().create_future()
+        await self._queue.put((image, k, fut))
+        return await fut
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        q = self._queue
+        assert q is not None
+        while True:
+            batch = [await q.get()]
+            deadline = loop.time() + self.wait_s
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(q.get_nowait())
+                    continue
+                except asyncio.QueueEmpty:
+                    pass
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                await asyncio.sleep(min(left, 0.001))
+            batch = [b for b in batch if not b[2].done()]
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._pool, self._work, [(b[0], b[1]) for b in batch])
+            except Exception as e:  # noqa: BLE001 - handed to each waiting request
+                with self._lock:
+                    self.errors += 1
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(e)
+                continue
+            for (_, _, fut), res in zip(batch, results):
+                if not fut.done():
+                    fut.set_result(res)
+
+    def _work(self, batch: list[tuple[Image.Image, int | None]]) -> list[tuple[np.ndarray, list | None]]:
+        emb = self.embedder.embed([im for im, _ in batch])  # one call for the whole batch
+        with self._lock:
+            self.batches += 1
+            self.requests += len(batch)
+            self.max_batch_seen = max(self.max_batch_seen, len(batch))
+        out: list[tuple[np.ndarray, list | None]] = [(emb[i], None) for i in range(len(batch))]
+        rows = [i for i, (_, k) in enumerate(batch) if k is not None]
+        if rows and self.index is not None:
+            kmax = max(batch[i][1] for i in rows)
+            scores, ids = self.index.search(emb[rows], kmax)
+            items = self.index.items
+            for r, i in enumerate(rows):
+                k = batch[i][1]
+                hits = [{"rank": j + 1, "score": float(s), "id": int(t), "path": items[t].path,
+                         "label": items[t].label}
+                        for j, (s, t) in enumerate(zip(scores[r][:k], ids[r][:k])) if t >= 0]
+                out[i] = (emb[i], hits)
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- guard
+class _Guard:
+    """Pure ASGI middleware: bearer token and request-size limits, enforced before the body is parsed."""
+
+    def __init__(self, app: Any, token: str | None, max_body: int) -> None:
+        self.app, self.token, self.max_body = app, token, max_body
+
+    @staticmethod
+    async def _reply(send: Any, status: int, message: str, headers: list | None = None) -> None:
+        body = json.dumps({"error": message}).encode()
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(body)).encode()), *(headers or [])]})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.lower(): v for k, v in scope.get("headers", [])}
+        if self.token is not None and scope.get("path") not in OPEN_PATHS:
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.token.encode()):
+                await self._reply(send, 401, "missing or wrong bearer token; send 'Authorization: Bearer <token>'",
+                                  [(b"www-authenticate", b"Bearer")])
+                return
+        cl = headers.get(b"content-length")
+        if cl is not None:
+            try:
+                length = int(cl)
+            except ValueError:
+                await self._reply(send, 400, "bad Content-Length header")
+                return
+            if length > self.max_body:
+                await self._reply(send, 413, f"request body of {length} bytes exceeds the limit of "
+                                              f"{self.max_body} bytes")
+                return
+        from starlette.exceptions import HTTPException
+
+        seen = 0
+
+        async def limited_receive() -> dict:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_body:  # chunked upload without Content-Length
+                    raise HTTPException(413, f"request body exceeds the limit of {self.max_body} bytes")
+            return msg
+
+        await self.app(scope, limited_receive, send)
+
+
+# ---------------------------------------------------------------------------------------------- decoding
+def _decode(data: bytes, max_pixels: int) -> Image.Image:
+    from ctxsim.deploy.gallery import load_image
+
+    if not data:
+        raise _HTTPError(400, "empty upload; send an image file")
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise _HTTPError(413, f"image too large: {e}") from None
+    except Exception as e:  # noqa: BLE001 - PIL.UnidentifiedImageError and friends
+        raise _HTTPError(415, f"not a readable image ({type(e).__name__}); send a JPEG, PNG, WebP, BMP, ...") from None
+    with im:
+        w, h = im.size
+        if w * h > max_pixels:
+            raise _HTTPError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        try:
+            im.load()
+            return load_image(im)
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt data
+            raise _HTTPError(400, f"corrupt image data ({type(e).__name__}: {e})") from None
+
+
+# ---------------------------------------------------------------------------------------------- app
+def create_app(index_dir: Any, model: Any = None, token: str | None = None,
+               max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+               max_batch: int = 32, batch_wait_ms: float = 5.0, max_k: int = 1000, default_k: int = 10,
+               device: str = "auto") -> Any:
+    """A FastAPI app serving ``index_dir`` (a folder or a loaded Index) with ``model`` (default: the index's).
+
+    The model's fingerprint must match the index's (FingerprintMismatch otherwise).
+    """
+    _fastapi()
+    from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    from ctxsim import __version__
+    from ctxsim.deploy.embedder import Embedder
+    from ctxsim.deploy.index import Index, load_index
+
+    if max_upload_bytes < 1 or max_pixels < 1:
+        raise ConfigError("max_upload_bytes and max_pixels must be positive")
+    if token is not None and not token:
+        raise ConfigError("token must be a non-empty string (or None for no authentication)")
+    index = index_dir if isinstance(index_dir, Index) else load_index(index_dir)
+    if model is None:
+        if not index.info.model or not os.path.exists(index.info.model):
+            raise ConfigError(f"the model that built the index ({index.info.model}) is not available; pass --model")
+        model = index.info.model
+    embedder = model if hasattr(model, "embed") and hasattr(model, "fingerprint") else \
+        Embedder.from_artifact(model, device=device, batch_size=max(64, max_batch))
+    index.check_model(embedder.fingerprint)
+    batcher = Batcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms)
+    started = time.time()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any):
+        await batcher.start()
+        try:
+            yield
+        finally:
+            await batcher.stop()
+
+    app = FastAPI(title="ctxsim", version=__version__, lifespan=lifespan)
+    app.state.batcher, app.state.index, app.state.embedder = batcher, index, embedder
+
+    def error(status: int, message: str) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.exception_handler(_HTTPError)
+    async def _own(_: Request, e: _HTTPError) -> JSONResponse:
+        return error(e.status, e.message)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
+        return error(e.status_code, str(e.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
+        parts = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("body", "query"))
+            parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        return error(422, "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _crash(_: Request, e: Exception) -> JSONResponse:
+        logger.exception("request failed")
+        return error(500, f"internal error ({type(e).__name__})")
+
+    async def _image(image: UploadFile | None, file: UploadFile | None) -> Image.Image:
+        up = image or file
+        if up is None:
+            raise _HTTPError(422, "no image uploaded; send multipart/form-data with an 'image' file field")
+        data = await up.read(max_upload_bytes + 1)
+        if len(data) > max_upload_bytes:
+            raise _HTTPError(413, f"upload exceeds the limit of {max_upload_bytes} bytes")
+        return await run_in_threadpool(_decode, data, max_pixels)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info() -> dict:
+        i = index.info
+        return {"fingerprint": embedder.fingerprint, "backend": embedder.backend, "dim": i.dim,
+                "index": {"type": i.index_type, "count": i.count, "dim": i.dim, "params": i.params,
+                          "metric": i.metric, "fingerprint": i.fingerprint, "updated": i.updated},
+                "batching": batcher.stats(), "limits": {"max_upload_bytes": max_upload_bytes,
+                                                        "max_pixels": max_pixels, "max_k": max_k},
+                "ctxsim_version": __version__, "uptime_s": round(time.time() - started, 1)}
+
+    @app.post("/search")
+    async def search_ep(image: UploadFile | None = File(None), file: UploadFile | None = File(None),
+                        k_form: int | None = Form(None, alias="k"), k_query: int | None = Query(None, alias="k")
+                        ) -> dict:
+        k = k_form if k_form is not None else (k_query if k_query is not None else default_k)
+        if not 1 <= k <= max_k:
+            raise _HTTPError(422, f"k must be between 1 and {max_k}, got {k}")
+        img = await _image(image, file)
+        _, hits = await batcher.submit(img, k)
+        return {"k": k, "results": hits, "fingerprint": embedder.fingerprint, "index_type": index.index_type}
+
+    @app.post("/embed")
+    async def embed_ep(image: UploadFile | None = File(None), file: UploadFile | None = File(None)) -> dict:
+        img = await _image(image, file)
+        vec, _ = await batcher.submit(img, None)
+        return {"embedding": [float(x) for x in vec], "dim": int(vec.shape[0]), "fingerprint": embedder.fingerprint}
+
+    app.add_middleware(_Guard, token=token, max_body=max_upload_bytes + MULTIPART_SLACK)
+    return app
+
+
+def _is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, model: Any = None,
+          max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
+          max_batch: int = 32, batch_wait_ms: float = 5.0, device: str = "auto", log_level: str = "info") -> None:
+    """Serve ``index_dir`` over HTTP with uvicorn (blocking). Loopback only unless ``host`` says otherwise."""
+    _fastapi()
+    try:
+        import uvicorn
+    except ImportError:
+        raise MissingDependency("serving needs uvicorn: pip install 'ctxsim[serve]'") from None
+    token = token if token is not None else (os.environ.get("CTXSIM_TOKEN") or None)
+    if not _is_loopback(host) and token is None:
+        logger.warning("serving on %s without a token: anyone who can reach this port can query the index; "
+                       "pass --token (or set CTXSIM_TOKEN)", host)
+    app = create_app(index_dir, model=model, token=token, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
+                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device)
+    uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -1,0 +1,87 @@
+"""``export_run``: the whole export stage in one call (ONNX, fp16 ONNX, TensorRT engine, parity, Triton, manifest)."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from ctxsim.errors import ConfigError
+from ctxsim.export.onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
+
+log = logging.getLogger(__name__)
+
+
+def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, simplify: bool = False,
+               input_format: str = "float_nchw", opset: int | None = DEFAULT_OPSET, trt: bool = False,
+               precision: str = "fp16", calib_images: str | Path | None = None, min_batch: int = 1,
+               opt_batch: int = 16, max_batch: int = 64, workspace_gb: float = 2.0,
+               timing_cache: str | Path | None = None, triton: bool | str | Path | None = None,
+               triton_instances: int = 1, parity: bool = True, parity_limit: int | None = None,
+               data_root: str | None = None, thresholds: str | Mapping[str, Any] | None = None,
+               progress: Callable[[int, int], None] | None = None) -> ExportResult:
+    """Export a run folder and check the artifacts, in order:
+
+    1. ``model.onnx`` (+ ``model.fp16.onnx`` with ``fp16``), contract in the metadata;
+    2. with ``trt``: ``model.<precision>.engine`` + sidecar from model.onnx (needs TensorRT and a GPU;
+       ``calib_images`` for int8);
+    3. with ``parity``: each artifact against the PyTorch fp32 model on the run's evaluation images
+       (``parity_limit`` images at most), reports merged into ``parity.json``;
+    4. with ``triton`` (True: ``out_dir/triton``, or a folder): a Triton model repository;
+    5. ``manifest.json`` binding it all to the model fingerprint.
+
+    Parity failures do not raise: check ``result.passed`` / ``result.parity[name].failures``.
+    ``progress(done, total)`` is called after each step; step names go to this module's logger.
+    """
+    out_dir = Path(out_dir)
+    if trt and precision not in ("fp32", "fp16", "int8"):
+        raise ConfigError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    steps = ["onnx"] + (["engine"] if trt else []) + (["parity"] if parity else []) + \
+            (["triton"] if triton else []) + ["manifest"]
+    done = 0
+
+    def step(name: str) -> None:
+        nonlocal done
+        done += 1
+        log.info("export step %d/%d done: %s", done, len(steps), name)
+        if progress is not None:
+            progress(done, len(steps))
+
+    if trt:  # fail before writing anything when TensorRT cannot run here
+        from ctxsim.export.tensorrt import current_device
+
+        current_device()
+    result = export_onnx(run_dir, out_dir, opset=opset, fp16=fp16, simplify=simplify, input_format=input_format)
+    step("onnx")
+
+    if trt:
+        from ctxsim.export.tensorrt import build_engine
+
+        build = build_engine(result.onnx_path, out_dir, precision=precision, calib_images=calib_images,
+                             min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
+                             workspace_gb=workspace_gb, timing_cache=timing_cache)
+        result.engine_path, result.engine_sidecar = build.path, build.sidecar
+        result.sha256[build.path.name] = build.sidecar.get("engine_sha256", "")
+        step("engine")
+
+    if parity:
+        from ctxsim.export.parity import check_parity
+
+        for artifact in result.artifacts():
+            result.parity[artifact.name] = check_parity(run_dir, artifact, data_root=data_root,
+                                                        thresholds=thresholds, limit=parity_limit)
+        step("parity")
+
+    if triton:
+        from ctxsim.export.triton import write_triton_repository
+
+        triton_dir = out_dir / "triton" if triton is True else Path(triton)
+        result.triton_dir = write_triton_repository(triton_dir, result.onnx_path, result.engine_path,
+                                                    max_batch_size=max_batch, instances=triton_instances)
+        step("triton")
+
+    from ctxsim.export.manifest import write_manifest
+
+    result.manifest_path = write_manifest(out_dir, result.contract, result.artifacts(), result.parity,
+                                          run_dir=run_dir, triton_dir=result.triton_dir)
+    step("manifest")
+    return result

@@ -1,0 +1,114 @@
+"""manifest.json of an export folder: binds every artifact (sha256), engine sidecars, parity results and the
+preprocessing contract to the model fingerprint, so that deploy can check what it is about to load."""
+from __future__ import annotations
+
+import datetime as _dt
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from ctxsim.errors import ArtifactError
+from ctxsim.io import atomic_write_json, read_json, sha256_file
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def _artifact_entry(path: Path, out_dir: Path) -> dict[str, Any]:
+    from ctxsim.export.runners import ENGINE_SUFFIXES, artifact_contract
+
+    entry: dict[str, Any] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    if path.suffix in ENGINE_SUFFIXES:
+        from ctxsim.export.tensorrt import read_sidecar, sidecar_path
+
+        sidecar = read_sidecar(path)
+        entry.update(kind="tensorrt_engine", precision=sidecar["precision"],
+                     sidecar=sidecar_path(path).name, sidecar_sha256=sha256_file(sidecar_path(path)),
+                     tensorrt_version=sidecar["tensorrt_version"], gpu_name=sidecar["gpu_name"],
+                     compute_capability=sidecar["compute_capability"], profile=sidecar["profile"],
+                     onnx_sha256=sidecar.get("onnx_sha256"))
+        contract = sidecar["contract"]
+    else:
+        contract = artifact_contract(path)
+        entry.update(kind="onnx", precision=contract.get("precision"), opset=contract.get("opset"))
+    entry["input_format"] = contract.get("input_format")
+    entry["fingerprint"] = contract.get("fingerprint")
+    return entry
+
+
+def write_manifest(out_dir: str | Path, contract: Mapping[str, Any], artifacts: Iterable[str | Path],
+                   parity: Mapping[str, Any] | None = None, run_dir: str | Path | None = None,
+                   triton_dir: str | Path | None = None) -> Path:
+    """Write ``out_dir/manifest.json`` atomically. Every artifact must carry ``contract['fingerprint']``.
+
+    ``parity`` maps an artifact file name to its ParityReport (or its dict); only the verdict, thresholds and
+    headline numbers go in the manifest (the full reports are in parity.json).
+    """
+    from ctxsim import __version__
+
+    out_dir = Path(out_dir)
+    fp = contract.get("fingerprint")
+    entries: dict[str, Any] = {}
+    for a in artifacts:
+        a = Path(a)
+        entry = _artifact_entry(a, out_dir)
+        if entry["fingerprint"] != fp:
+            raise ArtifactError(f"{a.name} was exported from model {entry['fingerprint']!r}, not {fp!r}; "
+                                "export all artifacts of a folder from one run")
+        entries[a.name if a.parent == out_dir else str(a)] = entry
+    summary: dict[str, Any] = {}
+    for name, report in (parity or {}).items():
+        d = report.to_dict() if hasattr(report, "to_dict") else dict(report)
+        summary[name] = {
+            "passed": d.get("passed"), "failures": d.get("failures", []), "precision": d.get("precision"),
+            "images": d.get("images"), "dataset": d.get("dataset"), "thresholds": d.get("thresholds", {}),
+            "cosine_min": d.get("embedding", {}).get("cosine_min"),
+            "delta_points": d.get("retrieval", {}).get("delta_points", {}),
+            "cross_R@1": d.get("cross", {}).get("R@1"),
+        }
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "ctxsim_version": __version__,
+        "fingerprint": fp,
+        "embedding_dim": contract.get("embedding_dim"),
+        "run_dir": str(run_dir) if run_dir is not None else None,
+        "contract": dict(contract),
+        "artifacts": entries,
+        "parity": summary,
+        "triton": _relative(triton_dir, out_dir),
+    }
+    path = out_dir / MANIFEST
+    atomic_write_json(path, manifest)
+    return path
+
+
+def _relative(path: str | Path | None, base: Path) -> str | None:
+    if path is None:
+        return None
+    path = Path(path)
+    return str(path.relative_to(base)) if path.is_relative_to(base) else str(path)
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    path = Path(out_dir) / MANIFEST
+    if not path.is_file():
+        raise ArtifactError(f"{out_dir} has no {MANIFEST}; export a run there with `ctxsim export`")
+    return read_json(path)
+
+
+def verify_manifest(out_dir: str | Path) -> list[str]:
+    """Problems found (missing files, sha256 mismatches); an empty list means every artifact is as exported."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    problems = []
+    for name, entry in manifest.get("artifacts", {}).items():
+        p = out_dir / name if not Path(name).is_absolute() else Path(name)
+        if not p.is_file():
+            problems.append(f"{name} is missing")
+        elif sha256_file(p) != entry.get("sha256"):
+            problems.append(f"{name} changed since export (sha256 differs)")
+        if entry.get("sidecar"):
+            sp = p.with_name(entry["sidecar"])
+            if not sp.is_file() or sha256_file(sp) != entry.get("sidecar_sha256"):
+                problems.append(f"{entry['sidecar']} is missing or changed")
+    return problems

@@ -1,0 +1,341 @@
+"""Accuracy parity of an exported artifact against the PyTorch fp32 reference, on real evaluation images.
+
+Both models embed the same images of the run's evaluation split (``ctxsim.data.pipeline.open_eval_dataset``):
+the reference gets the eval transform's float tensors, the artifact gets ``preprocess_batch`` of the same images
+under its own contract (identical tensors for ``float_nchw``; raw uint8 pixels for ``uint8_nhwc``). Compared:
+
+- embedding level: per-image cosine between reference and artifact embedding (min, p1, p50, mean) and the
+  largest deviation of an artifact embedding's norm from 1;
+- retrieval level (leave-one-out, ``ctxsim.evaluate.retrieval_metrics``): Recall@K, MAP@R, R-precision of
+  each model and their differences (in percentage points);
+- neighbourhoods: mean Jaccard overlap of the k-NN index sets (``ctxsim.knn.knn``) of the two models;
+- cross-model retrieval: artifact-embedded queries against the reference-embedded gallery (leave-one-out),
+  its Recall@1, i.e. whether an artifact query still finds the right items in a gallery indexed with PyTorch.
+
+Thresholds depend on the precision (:data:`DEFAULT_THRESHOLDS`); any can be overridden with a dict or a
+``"key=value,key=value"`` string (``value`` may be ``none`` to switch a check off).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from ctxsim.errors import ArtifactError, ConfigError, FingerprintMismatch
+from ctxsim.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+PARITY_FILE = "parity.json"
+#: check name -> (what it measures, direction): ">=": value must be at least the threshold; "<=": at most
+CHECKS: dict[str, tuple[str, str]] = {
+    "min_cosine": ("min cosine(reference, artifact)", ">="),
+    "p1_cosine": ("1st-percentile cosine", ">="),
+    "p50_cosine": ("median cosine", ">="),
+    "max_norm_error": ("max |norm - 1| of artifact embeddings", "<="),
+    "max_abs_delta_r1_points": ("|ΔR@1| (points)", "<="),
+    "max_abs_delta_map_r_points": ("|ΔMAP@R| (points)", "<="),
+    "min_topk_jaccard": ("mean top-k neighbour Jaccard", ">="),
+    "max_abs_delta_cross_r1_points": ("|cross-model R@1 - reference R@1| (points)", "<="),
+}
+DEFAULT_THRESHOLDS: dict[str, dict[str, float]] = {
+    "fp32": {"min_cosine": 0.9999, "max_abs_delta_r1_points": 0.0, "max_norm_error": 1e-4},
+    "fp16": {"min_cosine": 0.999, "max_abs_delta_r1_points": 0.2, "max_norm_error": 1e-2},
+    "int8": {"p1_cosine": 0.98, "max_abs_delta_r1_points": 1.0, "max_norm_error": 1e-2},
+}
+_EPS = 1e-9  # float slack on "<=" / ">=" comparisons of derived numbers
+
+
+def parse_thresholds(spec: str | Mapping[str, Any] | None) -> dict[str, float | None]:
+    """``"min_cosine=0.999,max_abs_delta_r1_points=0.5"`` (or a dict) -> {name: float or None (check off)}."""
+    if spec is None:
+        return {}
+    if isinstance(spec, str):
+        items: dict[str, Any] = {}
+        for part in (p.strip() for p in spec.split(",")):
+            if not part:
+                continue
+            if "=" not in part:
+                raise ConfigError(f"thresholds are key=value pairs separated by commas, got {part!r}")
+            k, v = part.split("=", 1)
+            items[k.strip()] = v.strip()
+    else:
+        items = dict(spec)
+    out: dict[str, float | None] = {}
+    for k, v in items.items():
+        if k not in CHECKS:
+            raise ConfigError(f"unknown parity threshold {k!r}; known: {', '.join(CHECKS)}")
+        if v is None or (isinstance(v, str) and v.lower() in ("none", "off", "")):
+            out[k] = None
+            continue
+        try:
+            out[k] = float(v)
+        except (TypeError, ValueError):
+            raise ConfigError(f"parity threshold {k} must be a number or 'none', got {v!r}") from None
+    return out
+
+
+def resolve_thresholds(precision: str, overrides: str | Mapping[str, Any] | None = None) -> dict[str, float]:
+    """The defaults for ``precision`` updated with ``overrides``; checks set to None are dropped."""
+    if precision not in DEFAULT_THRESHOLDS:
+        raise ConfigError(f"precision must be one of {', '.join(DEFAULT_THRESHOLDS)}, got {precision!r}")
+    merged: dict[str, float | None] = {**DEFAULT_THRESHOLDS[precision], **parse_thresholds(overrides)}
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+@dataclass
+class ParityReport:
+    """Result of :func:`check_parity`; ``passed`` is True when every threshold holds."""
+
+    artifact: str
+    runner: str
+    precision: str
+    fingerprint: str
+    images: int
+    classes: int
+    thresholds: dict[str, float]
+    embedding: dict[str, float]
+    retrieval: dict[str, dict[str, float]]
+    neighbours: dict[str, float]
+    cross: dict[str, float]
+    checks: list[dict[str, Any]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    dataset: str = ""
+    input_format: str = "float_nchw"
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (non-finite numbers become None)."""
+        return _json_clean({
+            "passed": self.passed, "failures": list(self.failures), "artifact": self.artifact,
+            "runner": self.runner, "precision": self.precision, "reference": "pytorch-fp32",
+            "fingerprint": self.fingerprint, "dataset": self.dataset, "images": self.images,
+            "classes": self.classes, "input_format": self.input_format, "thresholds": dict(self.thresholds),
+            "embedding": dict(self.embedding), "retrieval": {k: dict(v) for k, v in self.retrieval.items()},
+            "neighbours": dict(self.neighbours), "cross": dict(self.cross), "checks": list(self.checks),
+            "seconds": round(self.seconds, 2),
+        })
+
+
+def _json_clean(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_clean(v) for v in obj]
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------- measures
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per-row cosine similarity of two [N, D] arrays (float64)."""
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    num = (a64 * b64).sum(1)
+    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
+    return num / np.maximum(den, 1e-30)
+
+
+def topk_jaccard(a_idx: np.ndarray, b_idx: np.ndarray) -> np.ndarray:
+    """Per-row Jaccard overlap of two [N, k] neighbour index sets."""
+    k = a_idx.shape[1]
+    inter = (a_idx[:, :, None] == b_idx[:, None, :]).any(axis=2).sum(axis=1)
+    return inter / (2 * k - inter)
+
+
+def cross_recall_at_1(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> float:
+    """R@1 of ``queries[i]`` against ``gallery`` without item i (leave-one-out across two embeddings of the
+    same items); queries whose class has no other item are skipped, as in ``retrieval_metrics``."""
+    from ctxsim.knn import knn
+
+    _, idx = knn(queries, gallery, 1, exclude_self=True)
+    counts = np.bincount(labels)
+    valid = counts[labels] > 1
+    if not valid.any():
+        return float("nan")
+    return float((labels[idx[:, 0]] == labels)[valid].mean())
+
+
+def _check(name: str, value: float | None, threshold: float) -> tuple[dict[str, Any], str | None]:
+    what, op = CHECKS[name]
+    if value is None or not math.isfinite(value):
+        ok = False
+    else:
+        ok = value >= threshold - _EPS if op == ">=" else value <= threshold + _EPS
+    row = {"check": name, "value": value, "op": op, "threshold": threshold, "passed": bool(ok)}
+    msg = None if ok else f"{what} = {_fmt(value)}, needs {op} {_fmt(threshold)} ({name})"
+    return row, msg
+
+
+def _fmt(v: float | None) -> str:
+    if v is None:
+        return "n/a"
+    if abs(v) != 0 and (abs(v) < 1e-3 or abs(v) >= 1e4):
+        return f"{v:.3g}"
+    return f"{v:.6g}"
+
+
+# ---------------------------------------------------------------------------------------------- the check
+def _embed_both(model, runner, dataset, raw, contract, batch_size, progress):
+    import torch
+
+    from ctxsim.export.contract import preprocess_batch
+
+    n = len(dataset)
+    ref, art, labels = [], [], []
+    uint8 = contract["input_format"] == "uint8_nhwc"
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+            x = torch.stack([t for t, _ in items])
+            labels.extend(int(y) for _, y in items)
+            ref.append(model(x).float().numpy())
+            if uint8:
+                images = [raw[i][0] for i in range(start, min(start + batch_size, n))]
+                art.append(runner.run(preprocess_batch(images, contract)))
+            else:
+                art.append(runner.run(x.numpy()))
+            if progress is not None:
+                progress(min(start + batch_size, n), n)
+    return np.concatenate(ref), np.concatenate(art), np.asarray(labels, dtype=np.int64)
+
+
+def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str | None = None,
+                 thresholds: str | Mapping[str, Any] | None = None, limit: int | None = None,
+                 precision: str | None = None, batch_size: int = 64, k: int = 10,
+                 providers: list | None = None, write: bool = True,
+                 progress: Callable[[int, int], None] | None = None) -> ParityReport:
+    """Compare ``artifact`` (an .onnx/.engine path, or an open runner) with the run's PyTorch fp32 model.
+
+    ``limit`` keeps a deterministic class-balanced subset of the evaluation split; ``precision`` picks the
+    default thresholds (default: the artifact's own, from its contract); ``thresholds`` overrides them.
+    With ``write`` (and a path artifact) the report is merged into ``parity.json`` next to the artifact,
+    under the artifact's file name. Raises FingerprintMismatch if the artifact was exported from another model.
+    """
+    from ctxsim.data.pipeline import open_eval_dataset
+    from ctxsim.evaluate import retrieval_metrics
+    from ctxsim.export.runners import open_runner
+    from ctxsim.knn import knn
+    from ctxsim.nets import load_run
+    from ctxsim.runs import run_config
+
+    t0 = time.perf_counter()
+    if batch_size < 1 or k < 1:
+        raise ConfigError("batch_size and k must be >= 1")
+    cfg = run_config(run_dir, data_root)
+    model, card = load_run(run_dir)
+    path = Path(artifact) if isinstance(artifact, (str, Path)) else None
+    runner = open_runner(path, providers) if path is not None else artifact
+    contract = runner.contract
+    if contract.get("fingerprint") != card.fingerprint:
+        raise FingerprintMismatch(
+            f"{path or runner.name} was exported from model {contract.get('fingerprint')!r}, but {run_dir} holds "
+            f"model {card.fingerprint!r}; compare an artifact with the run it was exported from")
+    precision = precision or contract.get("precision", "fp32")
+    limits = resolve_thresholds(precision, thresholds)
+    if hasattr(runner, "max_batch"):  # a TensorRT engine's profile limit
+        batch_size = min(batch_size, int(runner.max_batch))
+
+    dataset = open_eval_dataset(cfg, card.preprocess, limit=limit)
+    if len(dataset) < 2:
+        raise ConfigError(f"the evaluation split has {len(dataset)} image(s); parity needs at least 2")
+    raw = dataset.with_transform(None)
+    ref, art, labels = _embed_both(model, runner, dataset, raw, contract, batch_size, progress)
+    if art.shape != ref.shape:
+        raise ArtifactError(f"{path or runner.name} returns embeddings of shape {list(art.shape[1:])}, "
+                            f"the reference {list(ref.shape[1:])}; re-export it")
+
+    failures: list[str] = []
+    finite = np.isfinite(art).all(axis=1)
+    if not finite.all():
+        failures.append(f"{int((~finite).sum())} of {len(art)} artifact embeddings contain NaN or inf")
+    cos = cosine_rows(ref, art)
+    cos = np.where(finite, cos, -1.0)
+    norms_art = np.linalg.norm(art.astype(np.float64), axis=1)
+    norms_ref = np.linalg.norm(ref.astype(np.float64), axis=1)
+    embedding = {
+        "cosine_min": float(cos.min()), "cosine_p1": float(np.percentile(cos, 1)),
+        "cosine_p50": float(np.percentile(cos, 50)), "cosine_mean": float(cos.mean()),
+        "norm_max_error": float(np.nanmax(np.abs(norms_art - 1.0))) if finite.any() else float("nan"),
+        "norm_max_error_reference": float(np.abs(norms_ref - 1.0).max()),
+    }
+
+    ks = tuple(sorted({1, *cfg.eval_ks}))
+    m_ref = retrieval_metrics(ref, labels, ks=ks)
+    retrieval: dict[str, dict[str, float]] = {"reference": m_ref, "artifact": {}, "delta_points": {}}
+    neighbours: dict[str, float] = {}
+    cross: dict[str, float] = {}
+    if finite.all():
+        m_art = retrieval_metrics(art, labels, ks=ks)
+        retrieval["artifact"] = m_art
+        retrieval["delta_points"] = {key: 100.0 * (m_art[key] - m_ref[key]) for key in m_ref}
+        k_eff = min(int(k), len(labels) - 1)
+        _, i_ref = knn(ref, ref, k_eff, exclude_self=True)
+        _, i_art = knn(art, art, k_eff, exclude_self=True)
+        neighbours = {"k": k_eff, "jaccard_mean": float(topk_jaccard(i_ref, i_art).mean())}
+        cross_r1 = cross_recall_at_1(art, ref, labels)
+        cross = {"R@1": cross_r1, "delta_R@1_points": 100.0 * (cross_r1 - m_ref["R@1"])}
+
+    values = {
+        "min_cosine": embedding["cosine_min"], "p1_cosine": embedding["cosine_p1"],
+        "p50_cosine": embedding["cosine_p50"], "max_norm_error": embedding["norm_max_error"],
+        "max_abs_delta_r1_points": abs(retrieval["delta_points"]["R@1"]) if retrieval["delta_points"] else None,
+        "max_abs_delta_map_r_points": (abs(retrieval["delta_points"]["MAP@R"])
+                                       if retrieval["delta_points"] else None),
+        "min_topk_jaccard": neighbours.get("jaccard_mean"),
+        "max_abs_delta_cross_r1_points": abs(cross["delta_R@1_points"]) if cross else None,
+    }
+    checks = []
+    for name, threshold in limits.items():
+        row, msg = _check(name, values[name], threshold)
+        checks.append(row)
+        if msg:
+            failures.append(msg)
+
+    report = ParityReport(
+        artifact=str(path) if path else getattr(runner, "name", "runner"), runner=getattr(runner, "name", "?"),
+        precision=precision, fingerprint=card.fingerprint, images=len(labels), classes=int(len(np.unique(labels))),
+        thresholds=limits, embedding=embedding, retrieval=retrieval, neighbours=neighbours, cross=cross,
+        checks=checks, failures=failures, dataset=str(cfg.data.dataset),
+        input_format=contract.get("input_format", "float_nchw"), seconds=time.perf_counter() - t0)
+    if write and path is not None:
+        write_parity(path, report)
+    return report
+
+
+def write_parity(artifact: str | Path, report: ParityReport) -> Path:
+    """Merge ``report`` into ``parity.json`` next to ``artifact`` (keyed by its file name), atomically."""
+    import json
+
+    artifact = Path(artifact)
+    out = artifact.parent / PARITY_FILE
+    existing: dict[str, Any] = {}
+    if out.is_file():
+        try:
+            existing = json.loads(out.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            log.warning("replacing unreadable %s", out)
+        if not isinstance(existing, dict):
+            existing = {}
+    existing[artifact.name] = report.to_dict()
+    atomic_write_json(out, existing)
+    return out
+
+
+def assert_parity(run_dir: str | Path, artifact: str | Path | Any, **kwargs: Any) -> ParityReport:
+    """:func:`check_parity` that raises AssertionError listing the failures (for pytest)."""
+    report = check_parity(run_dir, artifact, **kwargs)
+    if not report.passed:
+        raise AssertionError(f"parity failed for {report.artifact} ({report.precision}): " + "; ".join(report.failures))
+    return report

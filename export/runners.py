@@ -1,0 +1,116 @@
+"""Runners for exported artifacts: ``open_runner(path)`` -> an ONNX Runtime session or a TensorRT engine runner.
+
+Every runner has ``.run(batch: np.ndarray) -> np.ndarray [N, D] float32``, ``.contract`` (the preprocessing
+contract dict, see ``ctxsim.export.contract``) and ``.name`` (e.g. ``"onnxruntime:CPUExecutionProvider"``,
+``"tensorrt"``). Batches are the output of ``ctxsim.export.contract.preprocess_batch``.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Protocol, Sequence
+
+import numpy as np
+
+from ctxsim.errors import ArtifactError, ConfigError
+from ctxsim.export.contract import check_batch, contract_from_metadata
+
+log = logging.getLogger(__name__)
+
+#: ONNX Runtime execution providers in order of preference (those not installed are skipped)
+PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+
+class Runner(Protocol):
+    name: str
+    contract: dict[str, Any]
+
+    def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+def default_providers(available: Sequence[str] | None = None) -> list[str]:
+    """The preferred ONNX Runtime providers that are installed: TensorRT EP, CUDA EP, then CPU."""
+    if available is None:
+        import onnxruntime as ort
+
+        available = ort.get_available_providers()
+    chosen = [p for p in PREFERRED_PROVIDERS if p in available]
+    return chosen or list(available)
+
+
+class OnnxRunner:
+    """An ONNX Runtime session over a ctxsim ONNX file."""
+
+    def __init__(self, path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None,
+                 intra_op_threads: int = 0):
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path} not found")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.intra_op_num_threads = int(intra_op_threads)
+        opts.log_severity_level = 3
+        try:
+            self.session = ort.InferenceSession(str(self.path), sess_options=opts,
+                                                providers=list(providers) if providers else default_providers())
+        except Exception as e:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"{self.path} is not a loadable ONNX model ({first}); "
+                                "re-export it with `ctxsim export`") from None
+        meta = self.session.get_modelmeta().custom_metadata_map
+        self.contract: dict[str, Any] = contract_from_metadata(meta, str(self.path))
+        names_in = [i.name for i in self.session.get_inputs()]
+        names_out = [o.name for o in self.session.get_outputs()]
+        if names_in != [self.contract["input_name"]] or names_out[:1] != [self.contract["output_name"]]:
+            raise ArtifactError(f"{self.path} has inputs {names_in} / outputs {names_out}, not the ones its "
+                                "contract names; re-export it with `ctxsim export`")
+        self.providers = self.session.get_providers()
+        self.name = f"onnxruntime:{self.providers[0]}"
+
+    def run(self, batch: np.ndarray) -> np.ndarray:
+        """Embed one preprocessed batch: [N, D] float32, L2-normalised."""
+        x = check_batch(batch, self.contract, str(self.path.name))
+        if len(x) == 0:
+            return np.zeros((0, self.contract["embedding_dim"]), np.float32)
+        out = self.session.run([self.contract["output_name"]], {self.contract["input_name"]: x})[0]
+        return np.ascontiguousarray(out, dtype=np.float32)
+
+    def __repr__(self) -> str:
+        return f"OnnxRunner({str(self.path)!r}, {self.name})"
+
+
+def open_runner(path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None) -> Runner:
+    """An artifact's runner: ``.onnx`` -> :class:`OnnxRunner`; ``.engine``/``.plan`` -> ``TensorRTRunner``;
+    an export folder -> its ``model.onnx``."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "model.onnx").is_file():
+            path = path / "model.onnx"
+        else:
+            raise ArtifactError(f"{path} holds no model.onnx; export a run there with `ctxsim export`")
+    if not path.exists():
+        raise ArtifactError(f"{path} not found")
+    if path.suffix == ".onnx":
+        return OnnxRunner(path, providers)
+    if path.suffix in ENGINE_SUFFIXES:
+        if providers:
+            raise ConfigError("providers apply to ONNX models only, not to TensorRT engines")
+        from ctxsim.export.tensorrt import TensorRTRunner
+
+        return TensorRTRunner(path)
+    raise ArtifactError(f"{path} is not an artifact ctxsim can run (expected .onnx, .engine or .plan)")
+
+
+def artifact_contract(path: str | Path) -> dict[str, Any]:
+    """An artifact's contract without opening a session: ONNX metadata, or an engine's sidecar JSON."""
+    path = Path(path)
+    if path.suffix in ENGINE_SUFFIXES:
+        from ctxsim.export.tensorrt import read_sidecar
+
+        return read_sidecar(path)["contract"]
+    from ctxsim.export.onnx_export import read_onnx_contract
+
+    return read_onnx_contract(path)
