@@ -94,6 +94,11 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes
     console.print(f"artifacts in {out}")
 
 
+from ctxsim.cli.export_cmds import register as _register_export  # noqa: E402
+
+_register_export(app)
+
+
 def main() -> None:
     try:
         app()

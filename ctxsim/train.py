@@ -1,4 +1,19 @@
-"""The Trainer: m-per-class batches, the chosen loss, AMP, schedules, evaluation, atomic checkpoints and exact resume."""
+"""The Trainer: m-per-class batches, the chosen loss, AMP, schedules, evaluation, atomic checkpoints, exact resume, DDP.
+
+One optimisation step is :meth:`Trainer.train_step` (used by :meth:`Trainer.fit` and by benchmarks/train_speed.py).
+On CUDA it runs the network under bf16 autocast (``amp: auto``) in channels_last layout, optionally with the backbone
+compiled (``compile: true``), and a fused Adam/AdamW; the loss always runs in float32. The only host sync per step
+is one ``.item()`` (after backward, before the optimizer step) for the NaN check.
+
+Distributed data parallel (launched by torchrun; see ``ctxsim.distributed``): each rank trains on its contiguous
+chunk of the global m-per-class batch, the loss sees the global batch (embeddings gathered, gradient kept on the
+local chunk, loss scaled by the world size so DDP's mean all-reduce gives the single-process gradient). Rank 0
+alone writes config, checkpoints, metrics and the final model, drives the callback and evaluates (the other ranks
+wait for its record, which is broadcast so every rank returns the same RunResult). Model initialisation uses the
+same seed on every rank (DDP also broadcasts rank 0's weights); the per-epoch augmentation seed is
+``seed * 100003 + epoch + 1000003 * rank``, so ranks draw different augmentations and rank 0 draws what a single
+process would.
+"""
 from __future__ import annotations
 
 import logging
@@ -14,12 +29,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from ctxsim import distributed as dist_utils
 from ctxsim.config import TrainConfig, config_from_dict
 from ctxsim.embed import embed_dataset
 from ctxsim.errors import ArtifactError, ConfigError, TrainingDiverged
 from ctxsim.evaluate import retrieval_metrics
 from ctxsim.io import atomic_path, atomic_write_text
 from ctxsim.losses import build_loss
+from ctxsim.losses import get_loss_class as build_loss_class
 from ctxsim.nets import EmbeddingNet, load_weights_file, save_model
 
 log = logging.getLogger(__name__)
@@ -33,12 +50,18 @@ class RunResult:
     history: list[dict[str, Any]]   # every record of metrics.jsonl
 
 
-def pick_device(name: str) -> torch.device:
+def pick_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The training device; under DDP (``local_rank`` given) a CUDA device is always ``cuda:local_rank``."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError("device cuda requested but no CUDA GPU is visible; use --set device=cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and local_rank is not None:
+        if device.index not in (None, local_rank):
+            log.warning("device %s ignored under DDP: rank uses cuda:%d (LOCAL_RANK)", name, local_rank)
+        device = torch.device("cuda", local_rank)
+    return device
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
@@ -54,28 +77,58 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    """Trains an EmbeddingNet into a run folder; the same object resumes from that folder's last checkpoint."""
+    """Trains an EmbeddingNet into a run folder; the same object resumes from that folder's last checkpoint.
+
+    Under torchrun (``WORLD_SIZE > 1``) it joins the process group (NCCL on CUDA, gloo on the CPU) and trains
+    with DistributedDataParallel; see the module docstring.
+    """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, callback: Callback | None = None,
                  weights: str | Path | None = None):
         from ctxsim.data.pipeline import build_datasets
 
-        self.cfg, self.run_dir, self.callback = cfg, Path(run_dir), callback or (lambda event, **info: None)
-        self.device = pick_device(cfg.device)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        device = pick_device(cfg.device)
+        self.dist = dist_utils.init_from_env(device.type)
+        self.rank, self.world_size = self.dist.rank, self.dist.world_size
+        self.is_main = self.rank == 0
+        if self.dist.distributed:
+            device = pick_device(cfg.device, self.dist.local_rank)
+        self.device = device
+        # only rank 0 reports progress
+        self.callback = (callback if self.is_main else None) or (lambda event, **info: None)
         self.amp = amp_dtype(cfg.amp, self.device)
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
             torch.backends.cudnn.benchmark = False
-        seed_everything(cfg.seed)
+        elif self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # fixed m-per-class batch shapes: pick the fastest kernels once
+        seed_everything(cfg.seed)  # the same on every rank: identical initial weights
 
-        self.data = build_datasets(cfg)
+        self.data = build_datasets(cfg, rank=self.rank, world_size=self.world_size, device=self.device.type)
         self.model = EmbeddingNet(cfg.model)
         if weights:
             load_weights_file(self.model.backbone, weights)
+        if self.dist.distributed and self.device.type == "cuda" and not cfg.model.frozen_bn:
+            # batch statistics over the global batch, as a single process would compute them
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
         self.model.to(self.device)
-        if self.device.type == "cuda" and cfg.channels_last:
+        self.channels_last = self.device.type == "cuda" and cfg.channels_last
+        if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(self.model) if cfg.compile else self.model
+        if cfg.compile:
+            self.model.backbone.compile()  # in place: state_dict keys (checkpoints, model.safetensors) unchanged
+        self.ddp = None
+        if self.dist.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # a proxy loss's warm-up freezes the backbone (requires_grad False), so DDP must expect unused params
+            find_unused = (getattr(build_loss_class(cfg.loss.name), "uses_proxies", False)
+                           and cfg.loss.warmup_epochs > 0)
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                find_unused_parameters=find_unused, gradient_as_bucket_view=True)
+        self.forward = self.ddp if self.ddp is not None else self.model
 
         self.loss = build_loss(cfg.loss.name, num_classes=self.data.train.num_classes,
                                embedding_dim=cfg.model.embedding_dim, **cfg.loss.params).to(self.device)
@@ -86,11 +139,12 @@ class Trainer:
         opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
         fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = opt_cls(groups, weight_decay=o.weight_decay, **fused)
-        self.loss_optimizer = (torch.optim.Adam(self.loss.parameters(), lr=cfg.loss.lr, weight_decay=1e-4)
+        self.loss_optimizer = (torch.optim.Adam(self.loss.parameters(), lr=cfg.loss.lr, weight_decay=1e-4, **fused)
                                if getattr(self.loss, "uses_proxies", False) else None)
         self.scheduler = self._scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.epoch = 0
+        self.step_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.tb = None
 
@@ -159,36 +213,54 @@ class Trainer:
             for p in self.model.backbone_parameters():
                 p.requires_grad_(frac >= 1.0)
 
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimisation step on a batch (this rank's chunk under DDP); returns the (global-batch) loss value.
+
+        Raises TrainingDiverged, before the optimizer step, when the loss is not finite.
+        """
+        dev = self.device
+        x = x.to(dev, non_blocking=True)
+        y = y.to(dev, non_blocking=True)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=self.amp, enabled=self.amp is not None):
+            emb = self.forward(x)
+        emb = emb.float()                            # losses run in float32
+        if self.world_size > 1:                      # the loss sees the global batch
+            emb = dist_utils.all_gather_with_grad_on_local(emb)
+            y = dist_utils.all_gather_no_grad(y)
+        loss = self.loss(emb, y)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.loss_optimizer:
+            self.loss_optimizer.zero_grad(set_to_none=True)
+        # x world_size: DDP averages gradients over ranks, each rank holds its own share of dL/dtheta
+        self.scaler.scale(loss * self.world_size if self.world_size > 1 else loss).backward()
+        value = loss.item()                          # the one host sync per step
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"loss became {value} at epoch {self.epoch + 1} step {self.step_in_epoch}; the last good checkpoint "
+                f"is kept in {self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
+        if self.loss_optimizer:
+            dist_utils.unscale_local_grads(self.loss.parameters(), self.world_size)
+        self.scaler.step(self.optimizer)
+        if self.loss_optimizer:
+            self.scaler.step(self.loss_optimizer)
+        self.scaler.update()
+        return value
+
     def train_epoch(self) -> dict[str, float]:
         cfg, data = self.cfg, self.data
-        torch.manual_seed(cfg.seed * 100_003 + self.epoch)  # per-epoch seed: resume replays the same augmentations
+        # per-epoch seed: resume replays the same augmentations; each rank draws its own
+        torch.manual_seed(cfg.seed * 100_003 + self.epoch + 1_000_003 * self.rank)
         data.sampler.set_epoch(self.epoch)
         self.model.train()
         steps, total, seen, t0 = len(data.sampler), 0.0, 0, time.perf_counter()
         for step, (x, y) in enumerate(data.loader):
             self._set_warmup(self.epoch + step / steps)
-            x = x.to(self.device, non_blocking=True)
-            y = y.to(self.device, non_blocking=True)
-            if self.device.type == "cuda" and cfg.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(self.device.type, dtype=self.amp, enabled=self.amp is not None):
-                emb = self.forward(x)
-            loss = self.loss(emb.float(), y)  # losses run in float32
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"loss became {value} at epoch {self.epoch + 1} step {step + 1}; the last good checkpoint is "
-                    f"kept in {self.run_dir / 'checkpoints'}; lower optim.lr or check the data")
-            self.optimizer.zero_grad(set_to_none=True)
-            if self.loss_optimizer:
-                self.loss_optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)
-            if self.loss_optimizer:
-                self.scaler.step(self.loss_optimizer)
-            self.scaler.update()
+            self.step_in_epoch = step + 1
+            value = self.train_step(x, y)
             total += value
-            seen += len(x)
+            seen += len(x) * self.world_size         # global images
             self.callback("step", epoch=self.epoch, step=step + 1, steps=steps, loss=value,
                           images_per_s=seen / max(time.perf_counter() - t0, 1e-9))
         self.scheduler.step()
@@ -203,13 +275,17 @@ class Trainer:
         return out
 
     def fit(self) -> RunResult:
-        """Train until cfg.epochs, evaluating every cfg.eval_every epochs; returns the final evaluation."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_config()
+        """Train until cfg.epochs, evaluating every cfg.eval_every epochs; returns the final evaluation.
+
+        Under DDP every rank trains; rank 0 evaluates and writes, and its records are broadcast to all ranks.
+        """
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_config()
         self.callback("start", epochs=self.cfg.epochs, start_epoch=self.epoch, steps=len(self.data.sampler),
                       device=str(self.device), train_images=len(self.data.train),
-                      train_classes=self.data.train.num_classes)
-        if self.cfg.tensorboard and self.tb is None:
+                      train_classes=self.data.train.num_classes, world_size=self.world_size)
+        if self.cfg.tensorboard and self.tb is None and self.is_main:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(str(self.run_dir / "tensorboard"))
@@ -219,22 +295,36 @@ class Trainer:
             self.epoch += 1
             record: dict[str, Any] = {"epoch": self.epoch, **stats,
                                       "lr": self.optimizer.param_groups[1]["lr"]}
-            if self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs:
+            evaluated = self.epoch % self.cfg.eval_every == 0 or self.epoch == self.cfg.epochs
+            if evaluated and self.is_main:
                 for split, metrics in self.evaluate().items():
                     record.update({f"{split}/{k}": v for k, v in metrics.items()})
                     if split == "test":
                         last_eval = metrics
+            if self.world_size > 1:  # rank 0's record (with its evaluation) on every rank
+                record, last_eval = dist_utils.broadcast_object((record, last_eval))
+            if evaluated:
                 self.callback("eval", epoch=self.epoch, record=record)
             self.history.append(record)
-            if self.tb:
-                for k, v in record.items():
-                    self.tb.add_scalar(k, v, self.epoch)
-            self._save_checkpoint()
-            self._write_metrics()
+            if self.is_main:
+                if self.tb:
+                    for k, v in record.items():
+                        self.tb.add_scalar(k, v, self.epoch)
+                self._save_checkpoint()
+                self._write_metrics()
             self.callback("epoch", epoch=self.epoch, record=record)
-        save_model(self.run_dir, self.model, self.cfg.preprocess)
+        if self.is_main:
+            save_model(self.run_dir, self.model, self.cfg.preprocess)
+        dist_utils.barrier()  # every rank returns once the run folder is complete
         self.callback("end", metrics=last_eval, run_dir=str(self.run_dir))
         return RunResult(self.run_dir, last_eval, self.history)
+
+    def close(self) -> None:
+        """Close TensorBoard and leave the process group if this trainer created it."""
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+        dist_utils.shutdown(self.dist)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, callback: Callback | None = None,
@@ -243,7 +333,11 @@ def train(cfg: TrainConfig, run_dir: str | Path, callback: Callback | None = Non
     run_dir = Path(run_dir)
     if (run_dir / "checkpoints" / "last.safetensors").exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
-    return Trainer(cfg, run_dir, callback, weights).fit()
+    trainer = Trainer(cfg, run_dir, callback, weights)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def resume(run_dir: str | Path, callback: Callback | None = None, epochs: int | None = None) -> RunResult:
@@ -255,8 +349,11 @@ def resume(run_dir: str | Path, callback: Callback | None = None, epochs: int | 
     if epochs is not None:
         cfg.epochs = epochs
     trainer = Trainer(cfg, run_dir, callback)
-    trainer.load_checkpoint()
-    return trainer.fit()
+    try:
+        trainer.load_checkpoint()
+        return trainer.fit()
+    finally:
+        trainer.close()
 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:

@@ -13,12 +13,12 @@ exact search, over the reference embeddings of the evaluation split (queries = t
 
 The ONNX artifacts come from ``run_dir/export`` when present (``model.onnx``, ``model.fp16.onnx``), otherwise
 they are exported into a temporary folder with ``ctxsim.export.export_onnx``. TensorRT engines come from
-``run_dir/export/model.<precision>.engine``, otherwise from ``ctxsim.export``'s TensorRT builder when TensorRT is
-installed. Results are written (atomically) as ``bench.json`` and ``bench.md``.
+``run_dir/export/model.<precision>.engine``, otherwise they are built from model.onnx with
+``ctxsim.export.tensorrt.build_engine`` when TensorRT and a GPU are present. Results are written (atomically)
+as ``bench.json`` and ``bench.md``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import platform
@@ -205,24 +205,14 @@ def _onnx_artifact(run_dir: Path, precision: str, tmp: Path) -> Path:
 
 
 def _engine_artifact(run_dir: Path, precision: str, tmp: Path) -> Path:
+    """run_dir/export/model.<precision>.engine if present, else built from model.onnx on this GPU."""
     p = run_dir / "export" / f"model.{precision}.engine"
     if p.exists():
         return p
-    import ctxsim.export as ex
+    from ctxsim.export.tensorrt import build_engine
 
-    builder = getattr(ex, "export_tensorrt", None) or getattr(ex, "build_engine", None)
-    if builder is None:
-        raise MissingDependency("ctxsim.export has no TensorRT builder")
-    out = tmp / f"trt-{precision}"
-    result = builder(run_dir, out, precision=precision)
-    for attr in ("path", "engine", "engine_path", "artifact"):
-        v = getattr(result, attr, None)
-        if isinstance(v, (str, os.PathLike)) and Path(v).exists():
-            return Path(v)
-    cands = sorted(out.glob("*.engine"))
-    if not cands:
-        raise FileNotFoundError(f"the TensorRT builder wrote no .engine into {out}")
-    return cands[0]
+    built = build_engine(_onnx_artifact(run_dir, "fp32", tmp), tmp / f"trt-{precision}", precision=precision)
+    return Path(built.path)
 
 
 def _skip_reason(backend: str, precision: str, device: str) -> str | None:

@@ -149,6 +149,8 @@ class _RunnerBackend:
             kwargs["providers"] = ["CPUExecutionProvider"]
         try:
             runner = open_runner(path, **kwargs)
+        except MissingDependency:
+            raise
         except ImportError as e:  # the TensorRT runner imports tensorrt / cuda bindings
             raise MissingDependency(f"{kind} artifacts need {e.name or 'TensorRT'}: pip install 'ctxsim[trt]' "
                                     "(on Jetson: TensorRT from JetPack)") from None

@@ -6,7 +6,7 @@ Index types (``index_type``):
 - ``"ivf"``: ``faiss.IndexIVFFlat``; ``nlist`` ~ 4 sqrt(N) clipped so that every list gets >= 39 training points,
   ``nprobe`` = max(8, nlist / 16) (at most nlist).
 - ``"ivfpq"``: ``faiss.IndexIVFPQ``; as IVF plus ``m`` sub-quantisers (a divisor of D, D/m >= 4, at most 64) of
-  ``nbits`` bits (8, fewer when the gallery is too small to train 2^nbits centroids per sub-space).
+  ``nbits`` bits (8 from ~10k images; 4..7 below, where PQ is a poor choice anyway: use flat).
 - ``"hnsw"``: ``faiss.IndexHNSWFlat`` with ``METRIC_INNER_PRODUCT``, M = 32, efConstruction = 80, efSearch = 64.
 - ``"torch"``: exact search with ``ctxsim.knn`` (torch matmul + top-k, CUDA when available) over the stored
   embeddings; no FAISS needed (the choice for Jetson).
@@ -129,8 +129,8 @@ def default_params(index_type: str, n: int, dim: int) -> dict:
     params = {"nlist": nlist, "nprobe": int(min(nlist, max(8, nlist // 16)))}
     if index_type == "ivfpq":
         m = next(m for m in _PQ_M if dim % m == 0 and dim // m >= 4) if dim >= 4 else 1
-        nbits = int(min(8, max(1, math.floor(math.log2(max(n, 2) / 39))) if n >= 78 else
-                        max(1, math.floor(math.log2(max(n, 2))))))
+        # 8 bits once there are >= 39 training points per centroid; never under 4 bits (nor over log2 n)
+        nbits = int(min(8, max(4, math.floor(math.log2(max(n, 2) / 39))), math.floor(math.log2(max(n, 2)))))
         params.update({"m": m, "nbits": nbits})
     return params
 
@@ -174,7 +174,8 @@ def _faiss_gpus() -> int:
 
 
 def _factory_string(index_type: str, p: dict) -> str:
-    return {"flat": "Flat", "ivf": f"IVF{p.get('nlist')},Flat", "ivfpq": f"IVF{p.get('nlist')},PQ{p.get('m')}x{p.get('nbits')}",
+    return {"flat": "Flat", "ivf": f"IVF{p.get('nlist')},Flat",
+            "ivfpq": f"IVF{p.get('nlist')},PQ{p.get('m')}x{p.get('nbits')}",
             "hnsw": f"HNSW{p.get('M')},Flat"}[index_type]
 
 
@@ -199,7 +200,10 @@ class _TorchExact:
 
         dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self._torch = torch
-        self.searcher = ExactSearcher(torch.from_numpy(np.ascontiguousarray(embeddings, np.float32)).to(dev), "torch")
+        emb = np.ascontiguousarray(embeddings, np.float32)
+        if not emb.flags.writeable:  # memory-mapped: torch wants a writable buffer
+            emb = emb.copy()
+        self.searcher = ExactSearcher(torch.from_numpy(emb).to(dev), "torch")
         self.ntotal = self.searcher.n
 
     def search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -220,7 +224,10 @@ class _TorchExact:
 def _build_faiss(emb: np.ndarray, index_type: str, p: dict, gpu: bool) -> Any:
     faiss = _faiss()
     d = emb.shape[1]
-    cpu = faiss.index_factory(d, _factory_string(index_type, p), faiss.METRIC_INNER_PRODUCT)
+    if index_type == "flat":
+        cpu = faiss.IndexFlatIP(d)
+    else:
+        cpu = faiss.index_factory(d, _factory_string(index_type, p), faiss.METRIC_INNER_PRODUCT)
     if index_type == "hnsw":
         cpu.hnsw.efConstruction = p["efConstruction"]
     index = cpu
@@ -289,7 +296,8 @@ class Index:
 
     # -- search
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` items of each query by inner product: (scores [Q, k'] float32, ids [Q, k'] int64), k' = min(k, count).
+        """Top-``k`` items of each query by inner product: (scores [Q, k'] float32, ids [Q, k'] int64),
+        k' = min(k, count).
 
         Queries must be float32-convertible [Q, D] (a single [D] vector is taken as Q = 1), L2-normalised.
         """

@@ -19,8 +19,8 @@ waiting request, collects more for up to ``batch_wait_ms`` (at most ``max_batch`
 single worker thread that embeds it in one call (and searches the index with the batch). Requests that arrive
 while a batch is being embedded form the next batch.
 """
-from __future__ import annotations
-
+# No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime, and the
+# endpoint types (UploadFile, ...) are imported inside create_app so that importing ctxsim.deploy stays light.
 import asyncio
 import contextlib
 import hmac

@@ -13,7 +13,7 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
 
-def _artifact_entry(path: Path, out_dir: Path) -> dict[str, Any]:
+def _artifact_entry(path: Path) -> dict[str, Any]:
     from ctxsim.export.runners import ENGINE_SUFFIXES, artifact_contract
 
     entry: dict[str, Any] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
@@ -50,7 +50,7 @@ def write_manifest(out_dir: str | Path, contract: Mapping[str, Any], artifacts: 
     entries: dict[str, Any] = {}
     for a in artifacts:
         a = Path(a)
-        entry = _artifact_entry(a, out_dir)
+        entry = _artifact_entry(a)
         if entry["fingerprint"] != fp:
             raise ArtifactError(f"{a.name} was exported from model {entry['fingerprint']!r}, not {fp!r}; "
                                 "export all artifacts of a folder from one run")

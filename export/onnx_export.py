@@ -128,20 +128,25 @@ def _dummy_input(contract: dict[str, Any], batch: int = 2) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(0))
 
 
-def _torch_to_onnx(net: nn.Module, dummy: torch.Tensor, opset: int) -> tuple[Any, str, int]:
+def _torch_to_onnx(net: nn.Module, dummy: torch.Tensor, opset: int,
+                   exporter: str = "auto") -> tuple[Any, str, int]:
     """Trace ``net`` to an ONNX ModelProto with a dynamic batch axis; returns (proto, exporter, opset)."""
     import onnx
 
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-        buf = io.BytesIO()
-        try:
-            torch.onnx.export(net, (dummy,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                              opset_version=opset, dynamo=False, do_constant_folding=True,
-                              dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
-            return onnx.load_from_string(buf.getvalue()), "torchscript", opset
-        except TypeError as e:  # a torch without the TorchScript exporter (no `dynamo` or `dynamic_axes`)
-            log.info("TorchScript ONNX exporter unavailable (%s); using the dynamo exporter", e)
+        if exporter in ("auto", "torchscript"):
+            buf = io.BytesIO()
+            try:
+                torch.onnx.export(net, (dummy,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                                  opset_version=opset, dynamo=False, do_constant_folding=True,
+                                  dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
+                return onnx.load_from_string(buf.getvalue()), "torchscript", opset
+            except TypeError as e:  # a torch without the TorchScript exporter (no `dynamo` or `dynamic_axes`)
+                if exporter == "torchscript":
+                    raise MissingDependency(f"this torch has no TorchScript ONNX exporter ({e}); "
+                                            "use exporter='dynamo'") from None
+                log.info("TorchScript ONNX exporter unavailable (%s); using the dynamo exporter", e)
         dyn_opset = max(opset, 18)
         with contextlib.redirect_stdout(io.StringIO()):
             program = torch.onnx.export(net, (dummy,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
@@ -169,6 +174,11 @@ def _finish(proto: Any, contract: dict[str, Any], simplify: bool, what: str) -> 
 
     if simplify:
         proto = _simplify(proto)
+    out_shape = proto.graph.output[0].type.tensor_type.shape if len(proto.graph.output) == 1 else None
+    if out_shape is not None and len(out_shape.dim) == 2 and out_shape.dim[1].dim_param:
+        # the tracer loses D through F.normalize's division; it is known: declare it for TensorRT/Triton
+        out_shape.dim[1].Clear()
+        out_shape.dim[1].dim_value = int(contract["embedding_dim"])
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, contract_to_metadata(contract))
     proto.producer_name = "ctxsim"
@@ -216,35 +226,39 @@ def read_onnx_contract(path: str | Path) -> dict[str, Any]:
 
 
 def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = DEFAULT_OPSET, fp16: bool = False,
-                simplify: bool = False, input_format: str = "float_nchw") -> ExportResult:
+                simplify: bool = False, input_format: str = "float_nchw", exporter: str = "auto") -> ExportResult:
     """Export the run's network (preprocessing-normalised input -> L2-normalised embeddings) to ONNX.
 
     Writes ``out_dir/model.onnx`` (fp32) and, with ``fp16``, ``out_dir/model.fp16.onnx`` (fp16 backbone, fp32
     head/normalisation, float32 input and output). Input ``"images"`` with a dynamic batch axis and the spatial
     size of ``model.json``; output ``"embeddings"`` [N, D]. ``input_format="uint8_nhwc"`` puts /255 and the
     mean/std normalisation inside the graph (for DeepStream/Jetson pipelines feeding raw pixels). The contract
-    (see ``ctxsim.export.contract``) goes into the ONNX ``metadata_props``.
+    (see ``ctxsim.export.contract``) goes into the ONNX ``metadata_props``. ``exporter``: "auto" (TorchScript
+    exporter, else dynamo), "torchscript" or "dynamo" (opset >= 18; needs onnxscript).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     check_input_format(input_format)
+    if exporter not in ("auto", "torchscript", "dynamo"):
+        raise ConfigError(f"exporter must be auto, torchscript or dynamo, got {exporter!r}")
     opset = DEFAULT_OPSET if opset is None else int(opset)
-    if not 13 <= opset <= 23:
-        raise ConfigError(f"opset must be between 13 and 23, got {opset}")
+    if not 13 <= opset <= 20:  # the range the TorchScript exporter implements
+        raise ConfigError(f"opset must be between 13 and 20, got {opset}")
     if out_dir.resolve() == run_dir.resolve():
         raise ConfigError("export into a folder of its own, not the run folder (e.g. RUN_DIR/export)")
 
     files: dict[str, bytes] = {}
     contract: dict[str, Any] = {}
-    exporter, used_opset = "torchscript", opset
+    used_exporter, used_opset = "torchscript", opset
     for name, half in ((ONNX_NAME, False), (ONNX_FP16_NAME, True)) if fp16 else ((ONNX_NAME, False),):
         net, card = _export_module(run_dir, input_format, half)
         c = build_contract(card, input_format, "fp16" if half else "fp32")
-        proto, exporter, used_opset = _torch_to_onnx(net, _dummy_input(c), opset)
+        proto, used_exporter, used_opset = _torch_to_onnx(net, _dummy_input(c), opset, exporter)
         c["opset"] = used_opset
         files[name] = _finish(proto, c, simplify, name)
         if not half:
             contract = c
-        log.info("exported %s (%s exporter, opset %d, %.1f MB)", name, exporter, used_opset, len(files[name]) / 1e6)
+        log.info("exported %s (%s exporter, opset %d, %.1f MB)", name, used_exporter, used_opset,
+                 len(files[name]) / 1e6)
 
     with contextlib.ExitStack() as stack:  # all temporaries written first; replaced together on success
         for name, data in files.items():
@@ -253,5 +267,5 @@ def export_onnx(run_dir: str | Path, out_dir: str | Path, opset: int | None = DE
     sha = {name: sha256_file(out_dir / name) for name in files}
     return ExportResult(out_dir=out_dir, onnx_path=out_dir / ONNX_NAME, contract=contract,
                         fingerprint=contract["fingerprint"], fp16_path=out_dir / ONNX_FP16_NAME if fp16 else None,
-                        sha256=sha, exporter=exporter, opset=used_opset)
+                        sha256=sha, exporter=used_exporter, opset=used_opset)
 

@@ -47,7 +47,11 @@ def _noisy(train, fraction: float, seed: int):
     return train.with_records(new, names, train.super_class_names)
 
 
-def build_datasets(cfg) -> RunData:
+def build_datasets(cfg, rank: int = 0, world_size: int = 1, device: str | None = None) -> RunData:
+    """Datasets, sampler and loader; under DDP the sampler yields rank ``rank``'s chunk of each global batch.
+
+    ``device`` is the training device type ("cuda" pins loader memory); default: from ``cfg.device``.
+    """
     from ctxsim.data.datasets import class_disjoint_split
     from ctxsim.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
     from ctxsim.data.transforms import eval_transform, make_loader, train_transform
@@ -64,14 +68,16 @@ def build_datasets(cfg) -> RunData:
     train.transform = train_transform(cfg.preprocess, scale=tuple(d.train_scale), hflip=d.flip)
     for ds in test if isinstance(test, tuple) else (test,):
         ds.transform = eval_transform(cfg.preprocess)
-    common = dict(batch_size=d.batch_size, m=d.m, num_batches=d.batches_per_epoch, seed=cfg.seed)
+    common = dict(batch_size=d.batch_size, m=d.m, num_batches=d.batches_per_epoch, seed=cfg.seed,
+                  rank=rank, world_size=world_size)
     if d.sampler == "hierarchical":
         sampler = HierarchicalBatchSampler(train.labels, train.super_labels, **common)
     elif d.sampler == "m_per_class":
         sampler = MPerClassBatchSampler(train.labels, **common)
     else:
         raise ConfigError(f"data.sampler must be m_per_class or hierarchical, got {d.sampler!r}")
-    device = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    if device is None:
+        device = "cuda" if cfg.device.startswith("cuda") else "cpu"
     loader = make_loader(train, batch_sampler=sampler, num_workers=d.num_workers, device=device)
     return RunData(train, test, val, sampler, loader)
 

@@ -1,0 +1,44 @@
+"""The benchmark table, on a few Omniglot evaluation classes."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+def test_bench_table(tmp_path, run_dir):
+    from ctxsim.deploy import bench
+
+    report = bench(run_dir, backends=("torch", "onnx", "tensorrt"), batches=(1, 16), limit=200,
+                   out_dir=tmp_path, time_budget_s=0.2)
+    rows = {(r.backend, r.precision): r for r in report.rows}
+    assert set(rows) == {(b, p) for b in ("torch", "onnx", "tensorrt") for p in ("fp32", "fp16")}
+    ref = rows[("torch", "fp32")]
+    assert ref.status == "ok" and ref.delta_r_at_1 == 0.0 and 0 < ref.r_at_1 < 1 and 0 < ref.map_at_r < 1
+    assert ref.latency_p50_ms > 0 and ref.latency_p99_ms >= ref.latency_p50_ms and ref.throughput_ips > 0
+    assert ref.batch == 16 and ref.size_mb > 0
+    import torch
+
+    if not torch.cuda.is_available():
+        assert rows[("torch", "fp16")].status == "skipped: fp16 needs CUDA"
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        assert rows[("tensorrt", "fp32")].status == "skipped: TensorRT not installed"
+        assert rows[("tensorrt", "fp16")].status == "skipped: TensorRT not installed"
+    onnx = rows[("onnx", "fp32")]
+    if onnx.status.startswith("failed: MissingDependency"):
+        pytest.skip(f"ONNX export not available: {onnx.status}")
+    assert onnx.status == "ok", onnx.status
+    assert abs(onnx.delta_r_at_1) <= 0.01 and onnx.runner.startswith("onnxruntime")
+    assert report.images == 200 and report.classes == 10
+    search = {s.index_type: s for s in report.search}
+    assert set(search) == {"flat", "ivf", "ivfpq", "hnsw", "torch"}
+    for s in search.values():
+        assert s.status == "ok", s.status
+        assert s.qps_batch > 0 and s.qps_single > 0 and 0 < s.recall_at_10 <= 1
+    assert search["flat"].recall_at_10 == pytest.approx(1.0) and search["torch"].recall_at_10 == pytest.approx(1.0)
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert data["machine"]["cores"] >= 1 and len(data["rows"]) == 6
+    md = (tmp_path / "bench.md").read_text()
+    assert "| backend | precision |" in md and "TensorRT" in md and data["machine"]["cpu"] in md

@@ -1,0 +1,39 @@
+"""The thin deploy commands (cli/deploy_cmds.py) on a fresh Typer app."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+typer = pytest.importorskip("typer")
+from typer.testing import CliRunner  # noqa: E402
+
+
+@pytest.fixture()
+def cli():
+    from ctxsim.cli.deploy_cmds import register
+
+    app = typer.Typer()
+    register(app)
+    runner = CliRunner()
+    return lambda *args: runner.invoke(app, [str(a) for a in args])
+
+
+def test_index_build_info_search(tmp_path, cli, gallery_dir, run_dir, other_run_dir):
+    out = tmp_path / "idx"
+    r = cli("index", "build", gallery_dir, "--model", run_dir, "--out", out, "--type", "hnsw", "--param", "M=16")
+    assert r.exit_code == 0, r.output
+    r = cli("index", "info", out, "--json", "--check-recall", "5")
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.output)
+    assert info["index_type"] == "hnsw" and info["params"]["M"] == 16 and info["recall"]["k"] == 5
+    q = sorted(sorted(gallery_dir.iterdir())[0].iterdir())[0]
+    r = cli("search", out, q, "-k", "4", "--grid", tmp_path / "g.png", "--json")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "g.png").exists()
+    r = cli("index", "build", gallery_dir, "--model", run_dir, "--out", out)
+    assert r.exit_code != 0 and "already holds an index" in str(r.exception)  # no --force
+    r = cli("search", out, q, "--model", other_run_dir)
+    from ctxsim.errors import FingerprintMismatch
+
+    assert isinstance(r.exception, FingerprintMismatch)

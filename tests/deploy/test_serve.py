@@ -1,0 +1,165 @@
+"""The HTTP server, for real: uvicorn on a free loopback port, spoken to with httpx."""
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("multipart")
+httpx = pytest.importorskip("httpx")
+uvicorn = pytest.importorskip("uvicorn")
+
+TOKEN = "s3cret-token"
+MAX_UPLOAD = 200_000
+MAX_PIXELS = 1_000_000
+
+
+@pytest.fixture(scope="module")
+def server(flat_index):
+    from ctxsim.deploy import create_app
+
+    app = create_app(flat_index, token=TOKEN, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
+                     max_batch=32, batch_wait_ms=5)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.time() + 30
+    while not srv.started:
+        assert thread.is_alive() and time.time() < deadline, "server did not start"
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}", app
+    srv.should_exit = True
+    thread.join(timeout=10)
+    sock.close()
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def _png(path) -> bytes:
+    return path.read_bytes()
+
+
+def _one_image(gallery_dir):
+    return sorted(sorted(gallery_dir.iterdir())[0].iterdir())[0]
+
+
+def test_health_and_info(server):
+    url, _ = server
+    assert httpx.get(f"{url}/healthz", timeout=10).json() == {"status": "ok"}
+    r = httpx.get(f"{url}/info", headers=AUTH, timeout=10)
+    assert r.status_code == 200
+    info = r.json()
+    assert info["dim"] == 64 and info["index"]["type"] == "flat" and info["index"]["count"] == 240
+    assert info["backend"].startswith("torch") and info["fingerprint"] == info["index"]["fingerprint"]
+
+
+def test_search_and_embed(server, gallery_dir, flat_index):
+    from ctxsim.deploy import load_index
+
+    url, _ = server
+    img = _one_image(gallery_dir)
+    r = httpx.post(f"{url}/search", headers=AUTH, files={"image": (img.name, _png(img), "image/png")},
+                   data={"k": "7"}, timeout=30)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["k"] == 7 and len(body["results"]) == 7
+    top = body["results"][0]
+    assert top["rank"] == 1 and top["path"] == str(img) and top["score"] == pytest.approx(1.0, abs=1e-5)
+    r = httpx.post(f"{url}/search?k=3", headers=AUTH, files={"file": (img.name, _png(img), "image/png")}, timeout=30)
+    assert r.status_code == 200 and len(r.json()["results"]) == 3
+    r = httpx.post(f"{url}/embed", headers=AUTH, files={"image": (img.name, _png(img), "image/png")}, timeout=30)
+    assert r.status_code == 200
+    vec = np.asarray(r.json()["embedding"], np.float32)
+    idx = load_index(flat_index)
+    stored = idx.embeddings[[it.path for it in idx.items].index(str(img))]
+    np.testing.assert_allclose(vec, stored, atol=1e-5)
+
+
+def test_auth(server, gallery_dir):
+    url, _ = server
+    img = _one_image(gallery_dir)
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        r = httpx.post(f"{url}/search", headers=headers, files={"image": (img.name, _png(img), "image/png")},
+                       timeout=10)
+        assert r.status_code == 401 and "error" in r.json()
+    assert httpx.get(f"{url}/info", timeout=10).status_code == 401
+
+
+def test_bad_inputs_get_json_4xx(server, gallery_dir):
+    from PIL import Image
+
+    url, _ = server
+    cases = []
+    cases.append(("text", {"image": ("notes.txt", b"hello, not an image", "text/plain")}, {}))
+    cases.append(("no file", None, {"k": "3"}))
+    cases.append(("bad k", {"image": ("a.png", _png(_one_image(gallery_dir)), "image/png")}, {"k": "0"}))
+    cases.append(("k not int", {"image": ("a.png", _png(_one_image(gallery_dir)), "image/png")}, {"k": "many"}))
+    cases.append(("truncated", {"image": ("a.png", _png(_one_image(gallery_dir))[:80], "image/png")}, {}))
+    big_body = {"image": ("big.png", b"\x89PNG" + b"\0" * (MAX_UPLOAD + 100_000), "image/png")}
+    buf = io.BytesIO()
+    Image.new("L", (2000, 1000), 255).save(buf, format="PNG")  # 2 Mpx, a few kB: over max_pixels, under the size limit
+    many_px = {"image": ("huge.png", buf.getvalue(), "image/png")}
+    statuses = {}
+    for name, files, data in cases + [("oversized", big_body, {}), ("pixels", many_px, {})]:
+        r = httpx.post(f"{url}/search", headers=AUTH, files=files, data=data, timeout=30)
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text)
+        assert r.headers["content-type"].startswith("application/json") and r.json()["error"], name
+        statuses[name] = r.status_code
+    assert statuses["text"] == 415 and statuses["oversized"] == 413 and statuses["pixels"] == 413
+    assert statuses["bad k"] == 422 and statuses["k not int"] == 422
+
+
+def test_oversized_chunked_upload(server):
+    url, _ = server
+
+    def chunks():  # a well-formed multipart body of ~400 kB, streamed without a Content-Length header
+        yield (b'--zzz\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n'
+               b"Content-Type: image/png\r\n\r\n")
+        for _ in range(40):
+            yield b"x" * 10_000
+        yield b"\r\n--zzz--\r\n"
+
+    r = httpx.post(f"{url}/embed", headers={**AUTH, "Content-Type": "multipart/form-data; boundary=zzz"},
+                   content=chunks(), timeout=30)
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_concurrent_clients_are_batched(server, gallery_dir):
+    url, app = server
+    before = httpx.get(f"{url}/info", headers=AUTH, timeout=10).json()["batching"]
+    paths = sorted(gallery_dir.rglob("*.png"))[::7][:32]
+    barrier = threading.Barrier(len(paths))
+    results: list = [None] * len(paths)
+
+    def client(i):
+        with httpx.Client(timeout=60) as c:
+            barrier.wait()
+            r = c.post(f"{url}/search", headers=AUTH, files={"image": ("q.png", paths[i].read_bytes(), "image/png")},
+                       data={"k": "5"})
+            results[i] = (r.status_code, r.json())
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(paths))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert all(r is not None and r[0] == 200 for r in results), results
+    for p, (_, body) in zip(paths, results):
+        assert "error" not in body and len(body["results"]) == 5
+        assert body["results"][0]["path"] == str(p)  # each client got its own answer back
+    after = httpx.get(f"{url}/info", headers=AUTH, timeout=10).json()["batching"]
+    requests = after["requests"] - before["requests"]
+    batches = after["batches"] - before["batches"]
+    assert requests == len(paths)
+    print(f"batching: {requests} requests in {batches} batches, largest {after['max_batch_seen']}")
+    assert batches < requests and after["max_batch_seen"] > 1

@@ -1,0 +1,42 @@
+"""The `export` and `parity` commands (cli/export_cmds.py) on a Typer app of their own."""
+from __future__ import annotations
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from ctxsim.cli.export_cmds import register
+from ctxsim.errors import CtxsimError
+
+from export_helpers import perturb_onnx
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    a = typer.Typer()
+    register(a)
+    return a
+
+
+def test_parity_command_exit_codes(app, tmp_path, convnet_run, convnet_export):
+    runner = CliRunner()
+    ok = runner.invoke(app, ["parity", str(convnet_run), "--artifact", str(convnet_export.onnx_path), "--limit", "400"])
+    assert ok.exit_code == 0, ok.output
+    assert "pass" in ok.output
+
+    damaged = perturb_onnx(convnet_export.onnx_path, tmp_path / "bad" / "model.onnx")
+    bad = runner.invoke(app, ["parity", str(convnet_run), "--artifact", str(damaged), "--limit", "400"])
+    assert bad.exit_code == 1
+    assert "min_cosine" in bad.output
+
+    user_error = runner.invoke(app, ["parity", str(convnet_run), "--artifact", str(tmp_path / "missing.onnx")])
+    assert isinstance(user_error.exception, CtxsimError)  # main() prints it as one line and exits 2
+
+
+def test_export_command_writes_the_folder(app, tmp_path, convnet_run):
+    out = tmp_path / "exp"
+    res = CliRunner().invoke(app, ["export", str(convnet_run), "--out", str(out), "--no-fp16", "--no-parity",
+                                   "--triton"])
+    assert res.exit_code == 0, res.output
+    assert (out / "model.onnx").is_file() and (out / "manifest.json").is_file()
+    assert (out / "triton" / "ctxsim_onnx" / "config.pbtxt").is_file()

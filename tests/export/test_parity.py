@@ -1,0 +1,111 @@
+"""Parity on real Omniglot evaluation images: fp32 and fp16 ONNX pass their thresholds, a damaged model fails."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from ctxsim.errors import ConfigError, FingerprintMismatch
+from ctxsim.export import assert_parity, check_parity, export_onnx, parse_thresholds
+from ctxsim.export.parity import DEFAULT_THRESHOLDS, cosine_rows, cross_recall_at_1, resolve_thresholds, topk_jaccard
+
+from export_helpers import make_run, perturb_onnx
+
+LIMIT = 400  # 20 Omniglot evaluation classes x 20 drawings
+
+
+@pytest.fixture(scope="module")
+def fp32_report(convnet_run, convnet_export):
+    return check_parity(convnet_run, convnet_export.onnx_path, limit=LIMIT)
+
+
+def test_fp32_onnx_passes_on_real_images(fp32_report, convnet_export):
+    r = fp32_report
+    assert r.passed, r.failures
+    assert r.precision == "fp32" and r.images == LIMIT and r.classes == 20 and r.dataset == "omniglot"
+    assert r.thresholds == DEFAULT_THRESHOLDS["fp32"]
+    assert r.embedding["cosine_min"] >= 0.9999 and r.embedding["norm_max_error"] < 1e-4
+    assert r.retrieval["delta_points"]["R@1"] == 0.0
+    assert set(r.retrieval["reference"]) >= {"R@1", "R@2", "R@4", "R@8", "MAP@R", "R-precision"}
+    assert 0.0 < r.retrieval["reference"]["R@1"] <= 1.0  # not a degenerate (all-equal) embedding
+    assert r.neighbours["k"] == 10 and r.neighbours["jaccard_mean"] > 0.99
+    assert r.cross["R@1"] == pytest.approx(r.retrieval["reference"]["R@1"])
+    assert {c["check"] for c in r.checks} == set(DEFAULT_THRESHOLDS["fp32"]) and all(c["passed"] for c in r.checks)
+
+    on_disk = json.loads((convnet_export.out_dir / "parity.json").read_text())
+    assert on_disk["model.onnx"]["passed"] is True
+    assert on_disk["model.onnx"]["fingerprint"] == convnet_export.fingerprint
+    json.dumps(r.to_dict(), allow_nan=False)
+
+
+def test_fp16_onnx_passes_fp16_thresholds(convnet_run, convnet_export, fp32_report):
+    r = check_parity(convnet_run, convnet_export.fp16_path, limit=LIMIT)
+    assert r.precision == "fp16" and r.thresholds == DEFAULT_THRESHOLDS["fp16"]  # inferred from the artifact
+    assert r.passed, r.failures
+    on_disk = json.loads((convnet_export.out_dir / "parity.json").read_text())
+    assert set(on_disk) >= {"model.onnx", "model.fp16.onnx"}  # reports are merged, not replaced
+
+
+def test_damaged_model_fails_parity(tmp_path, convnet_run, convnet_export):
+    damaged = perturb_onnx(convnet_export.onnx_path, tmp_path / "damaged" / "model.onnx", scale=0.05)
+    r = check_parity(convnet_run, damaged, limit=LIMIT)
+    assert not r.passed
+    assert any("min_cosine" in f for f in r.failures)
+    assert r.embedding["cosine_min"] < 0.9999
+    with pytest.raises(AssertionError, match="parity failed"):
+        assert_parity(convnet_run, damaged, limit=LIMIT, write=False)
+    assert json.loads((damaged.parent / "parity.json").read_text())["model.onnx"]["passed"] is False
+
+
+def test_uint8_graph_passes_fp32_parity(tmp_path, convnet_run):
+    result = export_onnx(convnet_run, tmp_path / "u8", input_format="uint8_nhwc")
+    r = check_parity(convnet_run, result.onnx_path, limit=LIMIT, write=False)
+    assert r.input_format == "uint8_nhwc"
+    assert r.passed, r.failures
+
+
+def test_thresholds_are_live(convnet_run, convnet_export):
+    r = check_parity(convnet_run, convnet_export.onnx_path, limit=LIMIT, write=False,
+                     thresholds="min_cosine=1.5,max_norm_error=none,min_topk_jaccard=0.5")
+    assert not r.passed and len(r.failures) == 1 and "min_cosine" in r.failures[0]
+    assert "max_norm_error" not in r.thresholds and r.thresholds["min_topk_jaccard"] == 0.5
+
+
+def test_artifact_of_another_model_is_refused(tmp_path, convnet_run, omniglot_dir):
+    other = make_run(tmp_path / "other", "convnet", omniglot_dir, seed=5)
+    result = export_onnx(other, tmp_path / "other_export")
+    with pytest.raises(FingerprintMismatch, match="exported from model"):
+        check_parity(convnet_run, result.onnx_path, limit=LIMIT)
+
+
+def test_parse_and_resolve_thresholds():
+    assert parse_thresholds("min_cosine=0.99, max_abs_delta_r1_points=0.5") == {
+        "min_cosine": 0.99, "max_abs_delta_r1_points": 0.5}
+    assert parse_thresholds({"p1_cosine": "0.97", "max_norm_error": None}) == {
+        "p1_cosine": 0.97, "max_norm_error": None}
+    assert parse_thresholds(None) == {} and parse_thresholds("") == {}
+    with pytest.raises(ConfigError, match="unknown parity threshold 'cosine'"):
+        parse_thresholds("cosine=0.9")
+    with pytest.raises(ConfigError, match="number"):
+        parse_thresholds("min_cosine=high")
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_thresholds("min_cosine")
+    assert resolve_thresholds("int8") == {"p1_cosine": 0.98, "max_abs_delta_r1_points": 1.0, "max_norm_error": 1e-2}
+    assert resolve_thresholds("fp16", "max_abs_delta_r1_points=none") == {"min_cosine": 0.999, "max_norm_error": 1e-2}
+    with pytest.raises(ConfigError, match="precision"):
+        resolve_thresholds("bf16")
+
+
+def test_measures_on_small_arrays():
+    a = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    b = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
+    np.testing.assert_allclose(cosine_rows(a, b), [1.0, np.sqrt(0.5)])
+    j = topk_jaccard(np.array([[1, 2, 3], [4, 5, 6]]), np.array([[3, 2, 1], [4, 7, 8]]))
+    np.testing.assert_allclose(j, [1.0, 1 / 5])
+    labels = np.array([0, 0, 1, 1])
+    g = np.array([[1, 0], [0.9, 0.1], [0, 1], [0.1, 0.9]], np.float32)
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    assert cross_recall_at_1(g, g, labels) == 1.0
+    q = g[[2, 3, 0, 1]]  # every query now looks like the other class
+    assert cross_recall_at_1(q, g, labels) == 0.0

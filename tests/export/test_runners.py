@@ -1,0 +1,90 @@
+"""Runners: opening artifacts, rejecting damaged or foreign files with one-line ArtifactErrors, input checks."""
+from __future__ import annotations
+
+import io
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
+from ctxsim.export import OnnxRunner, open_runner
+from ctxsim.export.runners import default_providers
+
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+
+
+def _one_line(err: pytest.ExceptionInfo) -> str:
+    msg = str(err.value)
+    assert "\n" not in msg and len(msg) < 400
+    return msg
+
+
+def test_truncated_onnx_is_artifact_error(tmp_path, convnet_export):
+    data = convnet_export.onnx_path.read_bytes()
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ArtifactError, match="not a loadable ONNX model") as e:
+        open_runner(bad)
+    _one_line(e)
+
+
+def test_random_file_is_artifact_error(tmp_path):
+    bad = tmp_path / "model.onnx"
+    bad.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(ArtifactError) as e:
+        open_runner(bad)
+    _one_line(e)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_foreign_onnx_without_ctxsim_metadata_is_artifact_error(tmp_path):
+    buf = io.BytesIO()
+    torch.onnx.export(torch.nn.Linear(4, 2).eval(), (torch.randn(1, 4),), buf, dynamo=False,
+                      input_names=["images"], output_names=["embeddings"])
+    foreign = tmp_path / "foreign.onnx"
+    foreign.write_bytes(buf.getvalue())
+    with pytest.raises(ArtifactError, match="no ctxsim metadata") as e:
+        open_runner(foreign)
+    _one_line(e)
+
+
+def test_missing_unknown_and_folder_paths(tmp_path, convnet_export):
+    with pytest.raises(ArtifactError, match="not found"):
+        open_runner(tmp_path / "absent.onnx")
+    other = tmp_path / "model.pt"
+    other.write_bytes(b"x")
+    with pytest.raises(ArtifactError, match="expected .onnx"):
+        open_runner(other)
+    with pytest.raises(ArtifactError, match="no model.onnx"):
+        open_runner(tmp_path)
+    runner = open_runner(convnet_export.out_dir)  # an export folder opens its model.onnx
+    assert isinstance(runner, OnnxRunner) and runner.path == convnet_export.onnx_path
+
+
+def test_runner_interface_and_input_checks(convnet_export):
+    runner = open_runner(convnet_export.onnx_path, providers=["CPUExecutionProvider"])
+    assert runner.name == "onnxruntime:CPUExecutionProvider"
+    assert runner.contract["embedding_dim"] == 64
+    out = runner.run(np.zeros((3, 1, 28, 28), np.float64))  # float64 is cast
+    assert out.shape == (3, 64) and out.dtype == np.float32
+    assert runner.run(np.zeros((0, 1, 28, 28), np.float32)).shape == (0, 64)
+    with pytest.raises(ConfigError, match=r"shape \[N, 1, 28, 28\]"):
+        runner.run(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(ConfigError, match="float32"):
+        runner.run(np.zeros((2, 1, 28, 28), np.uint8))
+
+
+def test_default_providers_prefer_tensorrt_then_cuda_then_cpu():
+    assert default_providers(["CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"]) == [
+        "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert default_providers(["AzureExecutionProvider", "CPUExecutionProvider"]) == ["CPUExecutionProvider"]
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here; this checks the message shown without it")
+def test_engine_without_tensorrt_is_missing_dependency(tmp_path):
+    engine = tmp_path / "model.fp16.engine"
+    engine.write_bytes(b"\0" * 64)
+    with pytest.raises(MissingDependency, match=r"pip install 'ctxsim\[trt\]'"):
+        open_runner(engine)
