@@ -96,7 +96,10 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes
 
 from ctxsim.cli.export_cmds import register as _register_export  # noqa: E402
 
+from ctxsim.cli.deploy_cmds import register as _register_deploy  # noqa: E402
+
 _register_export(app)
+_register_deploy(app)
 
 
 def main() -> None:

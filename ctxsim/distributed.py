@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "DistInfo", "env_world_size", "init_from_env", "is_initialized", "get_rank", "get_world_size", "is_main",
-    "choose_backend", "barrier", "broadcast_object", "all_gather_with_grad_on_local", "all_gather_no_grad",
+    "choose_backend", "barrier", "broadcast_object", "broadcast_tensors", "all_gather_with_grad_on_local", "all_gather_no_grad",
     "unscale_local_grads", "shutdown",
 ]
 
@@ -149,6 +149,15 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+@torch.no_grad()
+def broadcast_tensors(tensors: Iterable[torch.Tensor], src: int = 0) -> None:
+    """Overwrite each tensor in place with rank ``src``'s values (e.g. parameters kept outside DDP)."""
+    if not is_initialized():
+        return
+    for t in tensors:
+        dist.broadcast(t.data, src=src)
 
 
 def all_gather_no_grad(x: torch.Tensor) -> torch.Tensor:

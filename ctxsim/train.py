@@ -132,6 +132,8 @@ class Trainer:
 
         self.loss = build_loss(cfg.loss.name, num_classes=self.data.train.num_classes,
                                embedding_dim=cfg.model.embedding_dim, **cfg.loss.params).to(self.device)
+        if self.dist.distributed:  # loss parameters (proxies) live outside DDP: start them from rank 0's values
+            dist_utils.broadcast_tensors(list(self.loss.parameters()) + list(self.loss.buffers()))
         self.target_lam = getattr(self.loss, "lam", None)
         o = cfg.optim
         groups = [{"params": self.model.backbone_parameters(), "lr": o.lr * o.backbone_lr_scale},

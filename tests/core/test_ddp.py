@@ -56,6 +56,12 @@ def fixed_batch() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+def grads(trainer) -> dict:
+    """The gradients the optimizers just used (DDP: after the all-reduce; proxies: after the 1/W rescale)."""
+    named = list(trainer.model.named_parameters()) + [(f"loss.{k}", p) for k, p in trainer.loss.named_parameters()]
+    return {k: p.grad.detach().clone() for k, p in named if p.grad is not None}
+
+
 def _one_step(rank: int, world: int, port: int, loss: str, out: str) -> None:
     _env(rank, world, port)
     from ctxsim.train import Trainer
@@ -66,11 +72,12 @@ def _one_step(rank: int, world: int, port: int, loss: str, out: str) -> None:
     trainer.model.train()
     value = trainer.train_step(x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n])
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    torch.save({"loss": value, "state": state}, Path(out) / f"rank{rank}.pt")
+    state.update({f"loss.{k}": v.detach().clone() for k, v in trainer.loss.state_dict().items()})
+    torch.save({"loss": value, "state": state, "grads": grads(trainer)}, Path(out) / f"rank{rank}.pt")
     trainer.close()
 
 
-@pytest.mark.parametrize("loss", ["hybrid", "contrastive"])
+@pytest.mark.parametrize("loss", ["hybrid", "contrastive", "proxy-anchor"])
 def test_ddp_step_equals_single_process_step(tmp_path, loss):
     from ctxsim.train import Trainer
 
@@ -81,12 +88,21 @@ def test_ddp_step_equals_single_process_step(tmp_path, loss):
     x, y = fixed_batch()
     value = single.train_step(x, y)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    expected = dict(single.model.state_dict())
+    expected.update({f"loss.{k}": v for k, v in single.loss.state_dict().items()})  # proxies (own optimizer)
     moved = 0
     for r in ranks:
         assert r["loss"] == pytest.approx(value, rel=1e-5, abs=1e-6)  # every rank saw the global batch
-        for k, v in single.model.state_dict().items():
+        assert r["state"].keys() == expected.keys()
+        for k, v in expected.items():
             torch.testing.assert_close(r["state"][k], v, rtol=0, atol=1e-5, msg=k)
-            moved += int(not torch.equal(v, before[k]))
+            moved += int(k in before and not torch.equal(v, before[k]))
+        # Adam's first step hardly depends on the gradient's scale, so check the gradients themselves:
+        # this is what catches a wrong world-size factor
+        g = grads(single)
+        assert r["grads"].keys() == g.keys() and g
+        for k, v in g.items():
+            torch.testing.assert_close(r["grads"][k], v, rtol=1e-4, atol=1e-7, msg=k)
     assert moved > 0  # the step did change the weights
 
 
