@@ -63,6 +63,16 @@ ABLATIONS = {  # name -> list of (value label, hybrid params)
     "k": [(str(v), {"k": v}) for v in (2, 4, 8)],
     "gamma": [("0.1 (default)", {"gamma": 0.1}), ("0 (no regulariser)", {"gamma": 0.0})],
 }
+INVESTIGATE = [  # label, hybrid params, lr (None = hybrid's picked lr), warm-up epochs
+    ("lam 0: contrastive with margins 0.75/0.6 + regulariser", {"lam": 0.0}, 3e-3, 0),
+    ("margins 0.9/0.6 (the contrastive baseline's)", {"pos_margin": 0.9}, None, 0),
+    ("margins 0.9/0.6", {"pos_margin": 0.9}, 3e-3, 0),
+    ("no regulariser (gamma 0)", {"gamma": 0.0}, 3e-3, 0),
+    ("official 256-px weighting (contrastive weight 1 - lam - gamma)", {"weighting": "official256"}, None, 0),
+    ("heuristic-gradient alpha 3 (default 10)", {"alpha": 3.0}, None, 0),
+    ("warm-up 1 epoch", {}, 3e-3, 1),
+    ("lam 0.2", {"lam": 0.2}, 3e-3, 0),
+]
 NOISE_METHODS = ["hybrid", "contrastive", "multisimilarity"]
 LITE0_METHODS = ["hybrid", "contrastive", "multisimilarity"]
 
@@ -204,12 +214,14 @@ def pick_lr(mode, setting, method, grid, data_root, **kw) -> float | None:
     return max(rs, key=lambda t: val_score(t[1]))[0]
 
 
-def plan(mode: str, part: str, data_root: Path, seeds: int) -> list[dict]:
-    """Runs of one part whose prerequisites (a chosen lr) are known."""
+def plan(mode: str, part: str, data_root: Path, seeds: int, methods=None, lrs=None) -> list[dict]:
+    """Runs of one part whose prerequisites (a chosen lr) are known; ``methods``/``lrs`` restrict the main grid
+    (a slice: the report then says which grid values ran)."""
     m = MODES[mode]
     specs = []
     if part == "main":
-        specs = [make_spec(mode, "main", me, lr, 0, data_root) for me in METHODS for lr in LR_GRID]
+        specs = [make_spec(mode, "main", me, lr, 0, data_root) for me in (methods or METHODS)
+                 for lr in (lrs or LR_GRID)]
     elif part == "seeds":
         for me in METHODS:
             lr = pick_lr(mode, "main", me, LR_GRID, data_root)
@@ -227,6 +239,10 @@ def plan(mode: str, part: str, data_root: Path, seeds: int) -> list[dict]:
         if lr is not None:
             specs = [make_spec(mode, "warmup1", "hybrid", lr, s, data_root, warmup=1)
                      for s in range(m["ablation_seeds"])]
+    elif part == "investigate":
+        lr = pick_lr(mode, "main", "hybrid", LR_GRID, data_root)
+        if lr is not None:
+            specs = [investigate_spec(mode, params, lr_i or lr, w, data_root) for _, params, lr_i, w in INVESTIGATE]
     elif part == "noise":
         for me in NOISE_METHODS:
             lr = pick_lr(mode, "main", me, LR_GRID, data_root)
@@ -239,6 +255,13 @@ def plan(mode: str, part: str, data_root: Path, seeds: int) -> list[dict]:
     else:
         raise SystemExit(f"unknown part {part!r}")
     return specs
+
+
+def investigate_spec(mode, params, lr, warmup, data_root, seed=0) -> dict:
+    tag = "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}-{v}" for k, v in params.items()) or "default"
+    if warmup:
+        tag += f"_warmup{warmup}"
+    return make_spec(mode, f"investigate/{tag}", "hybrid", lr, seed, data_root, params=params, warmup=warmup)
 
 
 def ablation_spec(mode, name, label, params, lr, seed, data_root) -> dict:
@@ -388,6 +411,27 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
                   f"| none (default) | {fmt(agg([load_result(make_spec(mode, 'main', 'hybrid', lr, 0, data_root))], 'val').get('R@1'))}"
                   f" | {fmt(best['hybrid'].get('R@1'))} | {fmt(best['hybrid'].get('MAP@R'))} |",
                   f"| loss.warmup_epochs 1 | {fmt(v.get('R@1'))} | {fmt(t.get('R@1'))} | {fmt(t.get('MAP@R'))} |", ""]
+    # investigation
+    lr = pick_lr(mode, "main", "hybrid", LR_GRID, data_root)
+    rows = []
+    if lr is not None:
+        for label, params, lr_i, w in INVESTIGATE:
+            r = load_result(investigate_spec(mode, params, lr_i or lr, w, data_root))
+            if r:
+                v, t = agg([r], "val"), agg([r])
+                rows.append(f"| {label} | {(lr_i or lr):g} | {fmt(v.get('R@1'))} | {fmt(t.get('R@1'))} | "
+                            f"{fmt(t.get('MAP@R'))} |")
+    if rows:
+        h = load_result(make_spec(mode, "main", "hybrid", lr, 0, data_root))
+        c_lr = pick_lr(mode, "main", "contrastive", LR_GRID, data_root)
+        c = load_result(make_spec(mode, "main", "contrastive", c_lr, 0, data_root)) if c_lr else None
+        ref = [f"| hybrid defaults (main table, seed 0) | {lr:g} | {fmt(agg([h], 'val').get('R@1'))} | "
+               f"{fmt(agg([h]).get('R@1'))} | {fmt(agg([h]).get('MAP@R'))} |"]
+        if c:
+            ref.append(f"| margin contrastive (main table, seed 0) | {c_lr:g} | {fmt(agg([c], 'val').get('R@1'))} | "
+                       f"{fmt(agg([c]).get('R@1'))} | {fmt(agg([c]).get('MAP@R'))} |")
+        L += ["### Where the hybrid trails: single changes to the hybrid loss (seed 0)", "",
+              "| change | lr | val R@1 | test R@1 | test MAP@R |", "|---|---|---|---|---|", *ref, *rows, ""]
     # noise
     rows = []
     for me in NOISE_METHODS:
@@ -426,6 +470,9 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
         L += ["| method | lr | test R@1 | test MAP@R |", "|---|---|---|---|", *rows, ""]
     else:
         L += ["Not run yet on this machine (part `lite0`).", ""]
+    other = "full" if mode == "quick" else "quick"
+    if mode == "quick" and (RESULTS / other / "main").exists():
+        L += slice_table(other, data_root)
     notes = RESULTS / f"notes_{mode}.md"
     if notes.exists():  # hand-written findings, kept next to the cached results so the script reproduces the section
         L += [notes.read_text(encoding="utf-8").rstrip("\n"), ""]
@@ -435,6 +482,31 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
           f"{done} cached runs, {secs / 3600:.1f} h of wall time in all (runs in parallel where `--jobs` > 1). Per-run JSON (config, per-epoch metrics): "
           f"`benchmarks/results/omniglot/{mode}/`.", ""]
     return "\n".join(L)
+
+
+def slice_table(mode: str, data_root: Path) -> list[str]:
+    """Every cached main-grid run of ``mode`` (used for a partial full-protocol slice), one row per run."""
+    rows = []
+    for me, (label, *_r) in METHODS.items():
+        for lr in LR_GRID:
+            for s in range(MODES[mode]["seeds"]):
+                r = load_result(make_spec(mode, "main", me, lr, s, data_root))
+                if not r:
+                    continue
+                if r["error"]:
+                    rows.append(f"| {label} | {lr:g} | {s} | failed: {r['error'][:60]} | | | |")
+                    continue
+                f = r["final"]
+                curve = " / ".join(f"{100 * h['test/R@1']:.1f}" for h in r["history"] if "test/R@1" in h)
+                rows.append(f"| {label} | {lr:g} | {s} | {100 * f['val/R@1']:.1f} | {100 * f['test/R@1']:.1f} | "
+                            f"{100 * f['test/MAP@R']:.1f} | {curve} |")
+    if not rows:
+        return []
+    m = MODES[mode]
+    return [f"### Full-protocol slice ({m['epochs']} epochs over all training images, seed 0; only the runs listed "
+            "ran: not the full protocol, no lr picked)", "",
+            "| method | lr | seed | val R@1 | test R@1 | test MAP@R | test R@1 per epoch |",
+            "|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def compare(mode: str, data_root: Path, seeds: int) -> list[str]:
@@ -487,8 +559,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores // jobs threads)")
     ap.add_argument("--seeds", type=int, default=None, help="override the mode's number of seeds")
     ap.add_argument("--parts", default=None,
-                    help="comma-separated, run in this order: main (lr grid), seeds, ablations, warmup, noise, lite0 "
+                    help="comma-separated, run in this order: main (lr grid), seeds, ablations, warmup, investigate, noise, lite0 "
                          "(default: all of them; with --quick: main)")
+    ap.add_argument("--methods", default=None, help="main part only: a comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--lrs", default=None, help="main part only: a comma-separated subset of the lr grid")
     ap.add_argument("--report-only", action="store_true", help="only rewrite the docs from cached results")
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
@@ -501,9 +575,11 @@ def main(argv: list[str] | None = None) -> int:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
     if not args.report_only:
-        parts = args.parts or ("main" if args.quick else "main,seeds,ablations,warmup,noise,lite0")
+        parts = args.parts or ("main" if args.quick else "main,seeds,ablations,warmup,investigate,noise,lite0")
         for part in parts.split(","):
-            specs = plan(mode, part.strip(), args.data, seeds)
+            specs = plan(mode, part.strip(), args.data, seeds,
+                         methods=args.methods.split(",") if args.methods else None,
+                         lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None)
             log(f"part {part}: {len(specs)} runs")
             execute(specs, args.jobs, log)
             write_section(report(mode, args.data, seeds, command))  # partial results land as they come

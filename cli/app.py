@@ -1,7 +1,9 @@
 """The `ctxsim` command: parse options, call one library function, print the result."""
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -26,14 +28,19 @@ def train(
     epochs: Optional[int] = typer.Option(None, help="Number of epochs (sets epochs)."),
     weights: Optional[Path] = typer.Option(None, help="Local backbone weights (safetensors or tensor-only .pt)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
+    gpus: int = typer.Option(1, help="Train on N GPUs of this machine with DDP (torchrun); data.batch_size is the "
+                                     "global batch and must be divisible by m x N."),
 ) -> None:
     """Train an embedding model; writes config.yaml, model.safetensors, model.json, metrics.jsonl."""
     from ctxsim.config import parse_set, resolve_config
     from ctxsim.train import resume as resume_run
     from ctxsim.train import train as train_run
 
-    with new_progress() as p:
-        display = TrainingDisplay(p)
+    if gpus > 1 and "WORLD_SIZE" not in os.environ:
+        _relaunch_with_torchrun(gpus)
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    with (new_progress() if main_rank else contextlib.nullcontext()) as p:
+        display = TrainingDisplay(p) if main_rank else None
         if resume:
             result = resume_run(resume, display, epochs)
         else:
@@ -44,8 +51,24 @@ def train(
                 overrides["epochs"] = epochs
             cfg = resolve_config(recipe, config, overrides)
             result = train_run(cfg, out, display, weights)
+    if not main_rank:
+        return
     console.print(metrics_table(f"held-out classes, epoch {len(result.history)}", {"test": result.metrics}))
     console.print(f"run folder: {result.run_dir}")
+
+
+def _relaunch_with_torchrun(gpus: int) -> None:
+    """Replace this process by `torchrun --nproc_per_node N -m ctxsim.cli <same arguments without --gpus>`."""
+    argv, skip = [], False
+    for i, arg in enumerate(sys.argv[1:]):
+        if skip:
+            skip = False
+        elif arg == "--gpus":
+            skip = True
+        elif not arg.startswith("--gpus="):
+            argv.append(arg)
+    os.execvp(sys.executable, [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                               f"--nproc_per_node={gpus}", "-m", "ctxsim.cli", *argv])
 
 
 @app.command("eval", epilog="Example: ctxsim eval runs/omni --data ../shared/data/omniglot")
@@ -83,15 +106,16 @@ def load_yaml_raw(path: Path) -> dict:
 
 @app.command(epilog="Example: ctxsim demo --out runs/demo")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its run, export and index."),
-         epochs: int = typer.Option(8, help="Training epochs on the digits set.")) -> None:
-    """Offline end-to-end demo on scikit-learn's digits: train, evaluate, and print one summary table."""
+         epochs: int = typer.Option(5, help="Training epochs on the digits set.")) -> None:
+    """Offline end-to-end demo on scikit-learn's digits: train, evaluate, export + parity, index, search, bench."""
     from ctxsim.demo import run_demo
 
     with new_progress() as p:
-        summary = run_demo(out, epochs=epochs, callback=TrainingDisplay(p))
+        summary = run_demo(out, epochs=epochs, callback=TrainingDisplay(p), say=p.console.print)
     for title, rows in summary.tables.items():
         console.print(metrics_table(title, rows))
-    console.print(f"artifacts in {out}")
+    for name, path in summary.files.items():
+        console.print(f"{name}: {path}")
 
 
 from ctxsim.cli.export_cmds import register as _register_export  # noqa: E402

@@ -104,8 +104,12 @@ def _merge(target: Any, overrides: dict, where: str = "") -> Any:
         elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, str):
             value = _number(value, int, f"{where}{key}")
         elif isinstance(current, dict) and isinstance(value, dict) and key == "params":
-            value = {**current, **value}
+            # loss parameters merge while the loss stays the same; another loss starts from its own defaults
+            same_loss = overrides.get("name", getattr(target, "name", None)) == getattr(target, "name", None)
+            value = {**current, **value} if same_loss else value
         updates[key] = value
+    if "name" in overrides and "params" not in overrides and overrides["name"] != getattr(target, "name", None):
+        updates["params"] = {}  # a different loss: drop the previous loss's parameters
     try:
         return dataclasses.replace(target, **updates)
     except (TypeError, ValueError) as e:

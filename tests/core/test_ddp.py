@@ -102,7 +102,8 @@ def test_ddp_step_equals_single_process_step(tmp_path, loss):
         g = grads(single)
         assert r["grads"].keys() == g.keys() and g
         for k, v in g.items():
-            torch.testing.assert_close(r["grads"][k], v, rtol=1e-4, atol=1e-7, msg=k)
+            err = (r["grads"][k] - v).abs().max().item()
+            assert err <= 1e-4 * v.abs().max().item() + 1e-8, (k, err, v.abs().max().item())
     assert moved > 0  # the step did change the weights
 
 

@@ -73,7 +73,8 @@ def test_channels_last_on_cuda(tmp_path):
 def test_compiled_backbone_step(tmp_path):
     from ctxsim.train import Trainer
 
-    trainer = Trainer(config(device="cuda", compile=True), tmp_path / "run")
+    # one eval batch for the whole digits test split: one extra (eval-mode) compile, not two
+    trainer = Trainer(config(device="cuda", compile=True, eval_batch_size=1024), tmp_path / "run")
     x, y = batch()
     values = [trainer.train_step(x, y) for _ in range(3)]
     assert all(v == v and abs(v) < 1e3 for v in values)

@@ -104,3 +104,12 @@ def test_config_resolution_and_errors(tmp_path):
     bad.write_text("epochs: [1, 2\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         resolve_config(config_file=bad)
+
+
+def test_switching_loss_drops_the_previous_loss_parameters():
+    cfg = resolve_config("omniglot", overrides=parse_set(["loss.name=contrastive"]))
+    assert cfg.loss.name == "contrastive" and cfg.loss.params == {}
+    cfg = resolve_config("omniglot", overrides=parse_set(["loss.name=triplet", "loss.params.margin=0.1"]))
+    assert cfg.loss.params == {"margin": 0.1}
+    cfg = resolve_config("omniglot", overrides=parse_set(["loss.params.k=8"]))
+    assert cfg.loss.params["lam"] == 0.4 and cfg.loss.params["k"] == 8
