@@ -51,6 +51,7 @@ LITE0_LR_GRID = [1e-4, 3e-4, 1e-3]
 HYBRID = {"lam": 0.4, "gamma": 0.1, "reg_target": 0.25, "k": 4, "eps": 0.05, "pos_margin": 0.75, "neg_margin": 0.6}
 METHODS = {  # label, loss name, loss params, proxy lr as a multiple of the network lr (proxy losses only)
     "hybrid": ("hybrid (ours, lam 0.4)", "hybrid", dict(HYBRID), None),
+    "hybrid-m0.9": ("hybrid, pos. margin 0.9 (found on val, see below)", "hybrid", {**HYBRID, "pos_margin": 0.9}, None),
     "contextual": ("contextual only (lam 1)", "hybrid", {**HYBRID, "lam": 1.0}, None),
     "contrastive": ("margin contrastive (0.9/0.6)", "contrastive", {}, None),
     "triplet": ("triplet + distance-weighted miner", "triplet", {}, None),
@@ -73,7 +74,8 @@ INVESTIGATE = [  # label, hybrid params, lr (None = hybrid's picked lr), warm-up
     ("warm-up 1 epoch", {}, 3e-3, 1),
     ("lam 0.2", {"lam": 0.2}, 3e-3, 0),
 ]
-NOISE_METHODS = ["hybrid", "contrastive", "multisimilarity"]
+NOISE_METHODS = ["hybrid", "hybrid-m0.9", "contrastive", "multisimilarity"]
+TUNED_LAMS = [0.0, 0.2, 0.4, 0.6, 1.0]  # lam sweep again with the positive margin 0.9
 LITE0_METHODS = ["hybrid", "contrastive", "multisimilarity"]
 
 
@@ -243,6 +245,10 @@ def plan(mode: str, part: str, data_root: Path, seeds: int, methods=None, lrs=No
         lr = pick_lr(mode, "main", "hybrid", LR_GRID, data_root)
         if lr is not None:
             specs = [investigate_spec(mode, params, lr_i or lr, w, data_root) for _, params, lr_i, w in INVESTIGATE]
+    elif part == "tuned":
+        lr = pick_lr(mode, "main", "hybrid-m0.9", LR_GRID, data_root)
+        if lr is not None:
+            specs = [tuned_spec(mode, lam, lr, data_root) for lam in TUNED_LAMS]
     elif part == "noise":
         for me in NOISE_METHODS:
             lr = pick_lr(mode, "main", me, LR_GRID, data_root)
@@ -255,6 +261,12 @@ def plan(mode: str, part: str, data_root: Path, seeds: int, methods=None, lrs=No
     else:
         raise SystemExit(f"unknown part {part!r}")
     return specs
+
+
+def tuned_spec(mode, lam, lr, data_root, seed=0) -> dict:
+    if lam == 0.4:
+        return make_spec(mode, "main", "hybrid-m0.9", lr, seed, data_root)
+    return make_spec(mode, f"tuned/lam{lam:g}", "hybrid-m0.9", lr, seed, data_root, params={"lam": lam})
 
 
 def investigate_spec(mode, params, lr, warmup, data_root, seed=0) -> dict:
@@ -312,7 +324,7 @@ def machine() -> str:
             f"(CPU)")
 
 
-def plot(mode: str, data_root: Path, path: Path) -> bool:
+def plot(mode: str, data_root: Path, path: Path, seeds: int) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -324,20 +336,22 @@ def plot(mode: str, data_root: Path, path: Path) -> bool:
         lr = pick_lr(mode, "main", me, LR_GRID, data_root)
         if lr is None:
             continue
-        runs = [load_result(make_spec(mode, "main", me, lr, s, data_root)) for s in range(MODES[mode]["seeds"])]
+        runs = [load_result(make_spec(mode, "main", me, lr, s, data_root)) for s in range(seeds)]
         runs = [r for r in runs if r and not r["error"]]
         if not runs:
             continue
         n = min(len(r["history"]) for r in runs)
         epochs = [runs[0]["history"][i]["epoch"] for i in range(n)]
         ys = [100 * statistics.mean(r["history"][i]["test/R@1"] for r in runs) for i in range(n)]
-        ax.plot(epochs, ys, marker="o", label=f"{label}, lr {lr:g}")
+        ax.plot(epochs, ys, marker="o", label=f"{label}, lr {lr:g}" + (f", mean of {len(runs)} seeds"
+                                                                         if len(runs) > 1 else ""))
         any_line = True
     if not any_line:
         plt.close(fig)
         return False
     ax.set_xlabel("epoch" + (f" ({MODES[mode]['batches']} batches of 128)" if MODES[mode]["batches"] else ""))
     ax.set_ylabel("test R@1 (%), 659 evaluation characters")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_title(f"Omniglot, {mode} mode")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -385,7 +399,7 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
     L.append("")
     L += compare(mode, data_root, seeds)
     png = REPO / "docs" / f"omniglot_{mode}_r1.png"
-    if plot(mode, data_root, png):
+    if plot(mode, data_root, png, seeds):
         L += [f"![test R@1 per epoch, every method at its picked lr](omniglot_{mode}_r1.png)", ""]
     # ablations
     lr = pick_lr(mode, "main", "hybrid", LR_GRID, data_root)
@@ -406,10 +420,11 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
         wu = [load_result(make_spec(mode, "warmup1", "hybrid", lr, s, data_root, warmup=1))
               for s in range(m["ablation_seeds"])]
         if any(wu):
+            h0 = load_result(make_spec(mode, "main", "hybrid", lr, 0, data_root))
             v, t = agg(wu, "val"), agg(wu)
             L += ["| warm-up | val R@1 | test R@1 | test MAP@R |", "|---|---|---|---|",
-                  f"| none (default) | {fmt(agg([load_result(make_spec(mode, 'main', 'hybrid', lr, 0, data_root))], 'val').get('R@1'))}"
-                  f" | {fmt(best['hybrid'].get('R@1'))} | {fmt(best['hybrid'].get('MAP@R'))} |",
+                  f"| none (default) | {fmt(agg([h0], 'val').get('R@1'))} | {fmt(agg([h0]).get('R@1'))} | "
+                  f"{fmt(agg([h0]).get('MAP@R'))} |",
                   f"| loss.warmup_epochs 1 | {fmt(v.get('R@1'))} | {fmt(t.get('R@1'))} | {fmt(t.get('MAP@R'))} |", ""]
     # investigation
     lr = pick_lr(mode, "main", "hybrid", LR_GRID, data_root)
@@ -432,6 +447,18 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
                        f"{fmt(agg([c]).get('R@1'))} | {fmt(agg([c]).get('MAP@R'))} |")
         L += ["### Where the hybrid trails: single changes to the hybrid loss (seed 0)", "",
               "| change | lr | val R@1 | test R@1 | test MAP@R |", "|---|---|---|---|---|", *ref, *rows, ""]
+    # tuned lam sweep
+    lr_t = pick_lr(mode, "main", "hybrid-m0.9", LR_GRID, data_root)
+    rows = []
+    if lr_t is not None:
+        for lam in TUNED_LAMS:
+            r = load_result(tuned_spec(mode, lam, lr_t, data_root))
+            if r:
+                v, t = agg([r], "val"), agg([r])
+                rows.append(f"| lam = {lam:g} | {fmt(v.get('R@1'))} | {fmt(t.get('R@1'))} | {fmt(t.get('MAP@R'))} |")
+    if rows:
+        L += [f"### lam sweep with the positive margin 0.9 (lr {lr_t:g}, seed 0; lam 0 = margin contrastive "
+              "0.9/0.6 + regulariser)", "", "| lam | val R@1 | test R@1 | test MAP@R |", "|---|---|---|---|", *rows, ""]
     # noise
     rows = []
     for me in NOISE_METHODS:
@@ -449,7 +476,7 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
     if rows:
         L += ["### Label noise (data.label_noise 0.2: 20% of training labels replaced at random; lr as picked on "
               f"clean data, {m['noise_seeds']} seed(s))", "",
-              "| method | lr | clean test R@1 | noisy test R@1 | change | noisy MAP@R |", "|---|---|---|---|---|---|",
+              "| method | lr | clean test R@1 (main table) | noisy test R@1 | change | noisy MAP@R |", "|---|---|---|---|---|---|",
               *rows, ""]
     # lite0
     rows = []
@@ -469,7 +496,8 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
     if rows:
         L += ["| method | lr | test R@1 | test MAP@R |", "|---|---|---|---|", *rows, ""]
     else:
-        L += ["Not run yet on this machine (part `lite0`).", ""]
+        L += ["Not run on this machine yet: `python benchmarks/omniglot.py --parts lite0` (with `--quick` for a "
+              "one-epoch slice) runs it.", ""]
     other = "full" if mode == "quick" else "quick"
     if mode == "quick" and (RESULTS / other / "main").exists():
         L += slice_table(other, data_root)
@@ -503,10 +531,45 @@ def slice_table(mode: str, data_root: Path) -> list[str]:
     if not rows:
         return []
     m = MODES[mode]
+    png = REPO / "docs" / f"omniglot_{mode}_slice_r1.png"
+    extra = []
+    if plot_slice(mode, data_root, png):
+        extra = [f"![test R@1 per epoch, full-protocol slice](omniglot_{mode}_slice_r1.png)", ""]
     return [f"### Full-protocol slice ({m['epochs']} epochs over all training images, seed 0; only the runs listed "
             "ran: not the full protocol, no lr picked)", "",
             "| method | lr | seed | val R@1 | test R@1 | test MAP@R | test R@1 per epoch |",
-            "|---|---|---|---|---|---|---|", *rows, ""]
+            "|---|---|---|---|---|---|---|", *rows, "", *extra]
+
+
+def plot_slice(mode: str, data_root: Path, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    n = 0
+    for me, (label, *_r) in METHODS.items():
+        for lr in LR_GRID:
+            r = load_result(make_spec(mode, "main", me, lr, 0, data_root))
+            if r and not r["error"]:
+                h = [x for x in r["history"] if "test/R@1" in x]
+                ax.plot([x["epoch"] for x in h], [100 * x["test/R@1"] for x in h], marker="o",
+                        label=f"{label}, lr {lr:g}")
+                n += 1
+    if not n:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("epoch (all training images)")
+    ax.set_ylabel("test R@1 (%), 659 evaluation characters")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.set_title(f"Omniglot, {mode}-protocol slice (seed 0)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def compare(mode: str, data_root: Path, seeds: int) -> list[str]:
@@ -559,7 +622,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=1, help="runs in parallel (each gets cores // jobs threads)")
     ap.add_argument("--seeds", type=int, default=None, help="override the mode's number of seeds")
     ap.add_argument("--parts", default=None,
-                    help="comma-separated, run in this order: main (lr grid), seeds, ablations, warmup, investigate, noise, lite0 "
+                    help="comma-separated, run in this order: main (lr grid), seeds, ablations, warmup, investigate, tuned, noise, "
+                         "lite0 "
                          "(default: all of them; with --quick: main)")
     ap.add_argument("--methods", default=None, help="main part only: a comma-separated subset of " + ",".join(METHODS))
     ap.add_argument("--lrs", default=None, help="main part only: a comma-separated subset of the lr grid")
@@ -575,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
     if not args.report_only:
-        parts = args.parts or ("main" if args.quick else "main,seeds,ablations,warmup,investigate,noise,lite0")
+        parts = args.parts or ("main" if args.quick else "main,seeds,ablations,warmup,investigate,tuned,noise,lite0")
         for part in parts.split(","):
             specs = plan(mode, part.strip(), args.data, seeds,
                          methods=args.methods.split(",") if args.methods else None,

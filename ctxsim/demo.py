@@ -78,7 +78,7 @@ def run_demo(out_dir: str | Path = "runs/demo", epochs: int = 5, callback: Calla
     say("indexing the held-out digits with the exported model")
     gallery = _write_gallery(out_dir / "gallery")
     info = build_index(gallery, exported.onnx_path, out_dir / "index", index_type="flat")
-    queries = [(p, p.parent.name) for p in sorted(gallery.glob("*/*.png"))[::90][:5]]  # label = folder
+    queries = [(sorted(d.glob("*.png"))[7], d.name) for d in sorted(gallery.iterdir())]  # one per digit
     results = search(out_dir / "index", queries, k=6)
     write_grid(results, out_dir / "search.png")
     # the first hit is the query itself (it is in the gallery); judge the next five

@@ -15,6 +15,19 @@ from ctxsim.io import atomic_write_json
 from ctxsim.nets import load_run
 
 
+def evaluate_model(model: torch.nn.Module, split, ks=(1, 2, 4, 8), batch_size: int = 256, device="cpu",
+                   num_workers: int = 0, amp_dtype=None, progress=None) -> dict[str, float]:
+    """Retrieval metrics of ``model`` on one evaluation split: a dataset (leave-one-out) or a (query, gallery)
+    pair sharing one label space (In-Shop)."""
+    if isinstance(split, tuple):
+        query, gallery = split
+        q, ql = embed_dataset(model, query, batch_size, device, num_workers, amp_dtype, progress)
+        g, gl = embed_dataset(model, gallery, batch_size, device, num_workers, amp_dtype, progress)
+        return retrieval_metrics(g, gl, ks=tuple(ks), query_embeddings=q, query_labels=ql)
+    emb, labels = embed_dataset(model, split, batch_size, device, num_workers, amp_dtype, progress)
+    return retrieval_metrics(emb, labels, ks=tuple(ks))
+
+
 def run_config(run_dir: str | Path, data_root: str | None = None):
     run_dir = Path(run_dir)
     path = run_dir / "config.yaml"
@@ -29,14 +42,14 @@ def run_config(run_dir: str | Path, data_root: str | None = None):
 def evaluate_run(run_dir: str | Path, data_root: str | None = None, batch_size: int = 256,
                  progress: Callable[[int, int], None] | None = None) -> dict[str, float]:
     """Embed the run's evaluation split with its saved model and return retrieval metrics (also eval.json)."""
-    from ctxsim.data.pipeline import open_eval_dataset
+    from ctxsim.data.pipeline import open_eval_split
 
     cfg = run_config(run_dir, data_root)
     model, card = load_run(run_dir)
-    dataset = open_eval_dataset(cfg, card.preprocess)
+    split = open_eval_split(cfg, card.preprocess)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    emb, labels = embed_dataset(model.to(device), dataset, batch_size, device, progress=progress)
-    metrics = retrieval_metrics(emb, labels, ks=tuple(cfg.eval_ks))
-    atomic_write_json(Path(run_dir) / "eval.json", {"metrics": metrics, "images": len(labels),
+    metrics = evaluate_model(model.to(device), split, cfg.eval_ks, batch_size, device, progress=progress)
+    images = sum(map(len, split)) if isinstance(split, tuple) else len(split)
+    atomic_write_json(Path(run_dir) / "eval.json", {"metrics": metrics, "images": images,
                                                     "dataset": cfg.data.dataset, "fingerprint": card.fingerprint})
     return metrics

@@ -31,13 +31,12 @@ from safetensors.torch import load_file, save_file
 
 from ctxsim import distributed as dist_utils
 from ctxsim.config import TrainConfig, config_from_dict
-from ctxsim.embed import embed_dataset
 from ctxsim.errors import ArtifactError, ConfigError, TrainingDiverged
-from ctxsim.evaluate import retrieval_metrics
 from ctxsim.io import atomic_path, atomic_write_text
 from ctxsim.losses import build_loss
 from ctxsim.losses import get_loss_class as build_loss_class
 from ctxsim.nets import EmbeddingNet, load_weights_file, save_model
+from ctxsim.runs import evaluate_model
 
 log = logging.getLogger(__name__)
 Callback = Callable[..., None]  # callback(event: str, **info)
@@ -271,9 +270,8 @@ class Trainer:
     def evaluate(self) -> dict[str, dict[str, float]]:
         out = {}
         for split, ds in self.data.eval_sets().items():
-            emb, labels = embed_dataset(self.model, ds, self.cfg.eval_batch_size, self.device,
+            out[split] = evaluate_model(self.model, ds, self.cfg.eval_ks, self.cfg.eval_batch_size, self.device,
                                         self.cfg.data.num_workers, self.amp)
-            out[split] = retrieval_metrics(emb, labels, ks=tuple(self.cfg.eval_ks))
         return out
 
     def fit(self) -> RunResult:

@@ -164,7 +164,9 @@ def _thumb(src: Any, thumb: int) -> Image.Image:
         im = load_image(src).convert("RGB")
     except DataError:
         return Image.new("RGB", (thumb, thumb), (220, 220, 220))
-    im.thumbnail((thumb, thumb))
+    scale = thumb / max(im.width, im.height)  # small images (digits, Omniglot) are enlarged to fill the cell
+    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                   Image.NEAREST if scale > 1 else Image.BILINEAR)
     canvas = Image.new("RGB", (thumb, thumb), (255, 255, 255))
     canvas.paste(im, ((thumb - im.width) // 2, (thumb - im.height) // 2))
     return canvas

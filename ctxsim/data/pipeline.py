@@ -82,6 +82,16 @@ def build_datasets(cfg, rank: int = 0, world_size: int = 1, device: str | None =
     return RunData(train, test, val, sampler, loader)
 
 
+def open_eval_split(cfg, preprocess):
+    """The run's whole evaluation split with the eval transform: a dataset, or a (query, gallery) pair."""
+    from ctxsim.data.transforms import eval_transform
+
+    _, test = _open(cfg)
+    for ds in test if isinstance(test, tuple) else (test,):
+        ds.transform = eval_transform(preprocess)
+    return test
+
+
 def open_eval_dataset(cfg, preprocess, limit: int | None = None):
     """The run's held-out evaluation images with the eval transform; ``limit`` keeps a deterministic subset
     of whole classes (the first classes in label order) totalling at most ``limit`` images."""

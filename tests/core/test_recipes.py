@@ -185,14 +185,7 @@ def test_paper_backbone_forward():
     assert torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-4)
 
 
-# Trainer.evaluate passes In-Shop's (query, gallery) pair to embed_dataset as one dataset and fails; strict, so this
-# test turns red (remove the mark) once the trainer evaluates query/gallery splits.
-QUERY_GALLERY_XFAIL = pytest.mark.xfail(strict=True, raises=TypeError,
-                                        reason="Trainer.evaluate cannot evaluate a (query, gallery) test split yet")
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=QUERY_GALLERY_XFAIL) if n == "inshop-256" else n
-                                  for n in RECIPES])
+@pytest.mark.parametrize("name", RECIPES)
 def test_recipe_trains_one_step(name, tmp_path):
     cfg = resolve_config(name)
     root = None

@@ -42,9 +42,10 @@ def test_run_folder_contents(tmp_path):
 
 
 def test_backbone_trains_at_half_the_head_rate(tmp_path):
-    trainer = Trainer(tiny_config(), tmp_path / "run")
+    cfg = tiny_config(optim={"lr": 0.004})
+    trainer = Trainer(cfg, tmp_path / "run")
     lrs = [g["lr"] for g in trainer.optimizer.param_groups]
-    assert lrs == [pytest.approx(0.001), pytest.approx(0.002)]
+    assert lrs == [pytest.approx(0.002), pytest.approx(0.004)]
 
 
 def test_resume_continues_exactly(tmp_path):
