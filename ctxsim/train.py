@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from ctxsim import distributed as dist_utils
 from ctxsim.config import TrainConfig, config_from_dict
 from ctxsim.errors import ArtifactError, ConfigError, TrainingDiverged
-from ctxsim.io import atomic_path, atomic_write_text
+from ctxsim.io import atomic_path, atomic_write_json, atomic_write_text, read_json
 from ctxsim.losses import build_loss
 from ctxsim.losses import get_loss_class as build_loss_class
 from ctxsim.nets import EmbeddingNet, load_weights_file, save_model
@@ -176,9 +176,24 @@ class Trainer:
                  "loss_optimizer": self.loss_optimizer.state_dict() if self.loss_optimizer else None}
         with atomic_path(ck / "last.state.pt") as tmp:
             torch.save(state, tmp)
+        self._save_weights(ck / "last.safetensors")
+
+    def _save_weights(self, path: Path) -> None:
         weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        with atomic_path(ck / "last.safetensors") as tmp:
+        with atomic_path(path) as tmp:
             save_file(weights, str(tmp), metadata={"epoch": str(self.epoch)})
+
+    def _update_best(self, record: dict[str, Any]) -> None:
+        """Keep checkpoints/best.safetensors at the best R@1 so far: on the validation classes when the run has
+        them, else on the test classes (what the paper's scripts do; prefer data.val_classes > 0)."""
+        key = "val/R@1" if "val/R@1" in record else "test/R@1"
+        if key not in record:
+            return
+        best_file = self.run_dir / "checkpoints" / "best.json"
+        best = read_json(best_file) if best_file.exists() else {"value": -1.0}
+        if record[key] > best["value"]:
+            self._save_weights(self.run_dir / "checkpoints" / "best.safetensors")
+            atomic_write_json(best_file, {"epoch": self.epoch, "metric": key, "value": record[key]})
 
     def load_checkpoint(self) -> None:
         ck = self.run_dir / "checkpoints"
@@ -311,6 +326,7 @@ class Trainer:
                     for k, v in record.items():
                         self.tb.add_scalar(k, v, self.epoch)
                 self._save_checkpoint()
+                self._update_best(record)
                 self._write_metrics()
             self.callback("epoch", epoch=self.epoch, record=record)
         if self.is_main:

@@ -36,6 +36,12 @@ def test_run_folder_contents(tmp_path):
     assert [r["epoch"] for r in records] == [1, 2]
     assert 0.0 <= records[-1]["test/R@1"] <= 1.0 and "test/MAP@R" in records[-1]
     assert result.metrics["R@1"] == records[-1]["test/R@1"]
+    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    assert best["metric"] == "test/R@1" and best["value"] == max(r["test/R@1"] for r in records)
+    assert best["epoch"] == max(records, key=lambda r: r["test/R@1"])["epoch"]
+    best_weights = load_file(str(run / "checkpoints" / "best.safetensors"))
+    final = load_file(str(run / "model.safetensors"))
+    assert torch.equal(best_weights["head.weight"], final["head.weight"]) == (best["epoch"] == 2)
     model, card = load_run(run)
     assert card.embedding_dim == 64 and card.preprocess.channels == "L"
     assert not list(run.rglob(".*.tmp"))
