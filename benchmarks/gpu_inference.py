@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import calls_for, machine, markdown_table, median, pick, set_cpu_threads, sync, timed, write_outputs  # noqa: E402,E501
+from common import calls_for, machine, markdown_table, median, pick, set_cpu_threads, sync, timed, write_outputs  # noqa: E402,E501
 
 
 def build(backbone: str, device: torch.device, size: int, in_ch: int = 3):

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import set_cpu_threads, calls_for, machine, markdown_table, median, pick, sync, timed, write_outputs  # noqa: E402
+from common import set_cpu_threads, calls_for, machine, markdown_table, median, pick, sync, timed, write_outputs  # noqa: E402
 
 
 def make_step(backbone: str, batch: int, size: int, device: torch.device):
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--reps", type=int, default=None, help="interleaved repetitions (default: CPU 3, CUDA 7)")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes (resnet18, 64 px, batch 8) to check the code")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1, see gpu_common)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1, see benchmarks/common.py)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = ap.parse_args(argv)
     device = pick(a.device)

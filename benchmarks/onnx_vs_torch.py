@@ -29,16 +29,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import cpu_name  # noqa: E402
 
 
 def usable_cores() -> int:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_common import set_cpu_threads, machine, markdown_table, median, pick, sync, timed, write_outputs  # noqa: E402
+from common import set_cpu_threads, machine, markdown_table, median, pick, sync, timed, write_outputs  # noqa: E402
 
 
 def trainer_config(device: torch.device, backbone: str, batch: int, size: int, amp: str, compile_: bool):
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--compile", action="store_true", help="compile the backbone on both sides (cfg.compile)")
     ap.add_argument("--no-amp-compare", action="store_true", help="CUDA: skip the fp16 vs bf16 comparison")
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes (resnet18, 64 px, batch 16) to check the code")
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1, see gpu_common)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1, see benchmarks/common.py)")
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
     a = ap.parse_args(argv)
     device = pick(a.device)
