@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             inductor_config.max_autotune_conv_backends = a.conv_backends
         except (AttributeError, KeyError):  # an Inductor without this knob: tune with its defaults
-            print(f"note: this Inductor has no max_autotune_conv_backends; conv backends left at defaults")
+            print("note: this Inductor has no max_autotune_conv_backends; conv backends left at defaults")
         compiled = torch.compile(copy.deepcopy(eager), mode=a.mode, dynamic=False)
 
     def prep(x: torch.Tensor) -> torch.Tensor:

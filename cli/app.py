@@ -91,7 +91,7 @@ def eval_(
 @app.command(epilog="Example: ctxsim recipes")
 def recipes() -> None:
     """List the shipped training recipes."""
-    from ctxsim.config import list_recipes, load_yaml, recipe_path
+    from ctxsim.config import list_recipes, recipe_path
 
     for name in list_recipes():
         desc = (load_yaml_raw(recipe_path(name)).get("description") or "").strip().splitlines()

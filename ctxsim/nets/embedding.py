@@ -1,7 +1,7 @@
 """The embedding network: backbone -> pooling -> optional standardisation -> linear -> L2 normalise."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn

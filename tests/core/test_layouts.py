@@ -196,7 +196,7 @@ def test_inshop(tmp_path):
         for i in range(len(ds)):
             assert _pixel(ds, i) == int(ds.class_names[ds.labels[i]][-1])
     (tmp_path / "Eval" / "list_eval_partition.txt").write_text(
-        f"99\nimage_name item_id evaluation_status\n" + "\n".join(rows) + "\n")
+        "99\nimage_name item_id evaluation_status\n" + "\n".join(rows) + "\n")
     with pytest.raises(DataError, match="announces 99"):
         inshop(tmp_path)
 
