@@ -21,9 +21,10 @@ def ctxsim(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproces
                           cwd=cwd, timeout=timeout, env={**os.environ, "COLUMNS": "200"})
 
 
-@pytest.mark.parametrize("command", ["train", "eval", "demo", "recipes"])
+@pytest.mark.parametrize("command", ["train", "eval", "demo", "recipes", "export", "parity", "index build",
+                                     "index add", "index info", "search", "serve", "bench"])
 def test_every_command_has_help_with_an_example(command):
-    result = runner.invoke(app, [command, "--help"])
+    result = runner.invoke(app, [*command.split(), "--help"])
     assert result.exit_code == 0
     assert "Example" in result.output
 
