@@ -83,17 +83,17 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(stem: str, device: torch.device, markdown: str, data: dict, out_dir: str | None) -> list[Path]:
-    """Write <stem>_<device>.md and .json into ``out_dir``; without it into benchmarks/results and, when the
-    variable OUT is set (a device run), into $OUT as well."""
-    written = []
-    dirs = [Path(out_dir)] if out_dir else [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
-    for d in dirs:
-        d.mkdir(parents=True, exist_ok=True)
-        for suffix, text in ((".md", markdown + "\n"), (".json", json.dumps(data, indent=1) + "\n")):
-            p = d / f"{stem}_{device.type}{suffix}"
-            tmp = p.with_name(f".{p.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, p)
-            written.append(p)
-    return written
+def report(stem: str, device: torch.device, markdown: str, data: dict, out_dir: str | None,
+           dry_run: bool = False) -> dict:
+    """Print the table and write <stem>_<device>.md and .json (atomically) into ``out_dir``; without it into
+    benchmarks/results and, when the variable OUT is set (a device run), into $OUT as well. A dry run writes only
+    where ``out_dir`` says. Returns ``data``."""
+    from ctxsim.io import atomic_write_text
+
+    if not dry_run or out_dir:
+        dirs = [Path(out_dir)] if out_dir else [RESULTS] + ([Path(os.environ["OUT"])] if os.environ.get("OUT") else [])
+        for d in dirs:
+            atomic_write_text(d / f"{stem}_{device.type}.md", markdown + "\n")
+            atomic_write_text(d / f"{stem}_{device.type}.json", json.dumps(data, indent=1) + "\n")
+    print(markdown)
+    return data

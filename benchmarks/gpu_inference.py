@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import calls_for, machine, markdown_table, median, pick, set_cpu_threads, sync, timed, write_outputs  # noqa: E402,E501
+from common import calls_for, machine, markdown_table, median, pick, set_cpu_threads, sync, timed, report  # noqa: E402,E501
 
 
 def build(backbone: str, device: torch.device, size: int, in_ch: int = 3):
@@ -163,10 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
             "eager_latency_ms": le * 1e3, "compiled_latency_ms": lc * 1e3, "latency_ratio": lat_ratio,
             "cos_min_eager": float(cos_eager.min()), "cos_min_compiled": float(cos_comp.min()),
             "parity_pass": ok_parity, "compile_s": compile_s}
-    if not a.dry_run or a.out:
-        write_outputs("gpu_inference", device, md, data, a.out)
-    print(md)
-    return data
+    return report("gpu_inference", device, md, data, a.out, a.dry_run)
 
 
 if __name__ == "__main__":

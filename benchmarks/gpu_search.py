@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import calls_for, machine, markdown_table, median, pick, set_cpu_threads, timed, write_outputs  # noqa: E402,E501
+from common import calls_for, machine, markdown_table, median, pick, set_cpu_threads, timed, report  # noqa: E402,E501
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,10 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = {"device": device.type, "machine": machine(device), "n": a.n, "dim": a.dim, "k": a.k,
             "copy_bandwidth_Bps": bandwidth, "gallery_pass_ms": bound_s * 1e3, "agree": same, "tf32": tf32,
             "rows": data_rows}
-    if not a.dry_run or a.out:
-        write_outputs("gpu_search", device, md, data, a.out)
-    print(md)
-    return data
+    return report("gpu_search", device, md, data, a.out, a.dry_run)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import set_cpu_threads, calls_for, machine, markdown_table, median, pick, sync, timed, write_outputs  # noqa: E402
+from common import set_cpu_threads, calls_for, machine, markdown_table, median, pick, sync, timed, report  # noqa: E402
 
 
 def make_step(backbone: str, batch: int, size: int, device: torch.device):
@@ -142,10 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
     data = {"device": device.type, "machine": machine(device), "backbone": a.backbone, "batch": a.batch,
             "size": size, "note": note, "reps": reps, "precision": prec, "rows": data_rows,
             "raw": {"step_s": t_step, "loss_s": {str(b): v for b, v in t_loss.items()}}}
-    if not a.dry_run or a.out:
-        write_outputs("loss_cost", device, md, data, a.out)
-    print(md)
-    return data
+    return report("loss_cost", device, md, data, a.out, a.dry_run)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import set_cpu_threads, machine, markdown_table, median, pick, sync, timed, write_outputs  # noqa: E402
+from common import set_cpu_threads, machine, markdown_table, median, pick, sync, timed, report  # noqa: E402
 
 
 def trainer_config(device: torch.device, backbone: str, batch: int, size: int, amp: str, compile_: bool):
@@ -156,10 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
     ])
     data = {"device": device.type, "machine": machine(device), "backbone": backbone, "size": size, "batch": batch,
             "steps": steps, "reps": reps, "ratio": ratio, "rows": data_rows}
-    if not a.dry_run or a.out:
-        write_outputs("train_speed", device, md, data, a.out)
-    print(md)
-    return data
+    return report("train_speed", device, md, data, a.out, a.dry_run)
 
 
 if __name__ == "__main__":
