@@ -47,6 +47,14 @@ def _noisy(train, fraction: float, seed: int):
     return train.with_records(new, names, train.super_class_names)
 
 
+def _set_eval_transform(split, preprocess) -> None:
+    """Give a test split (a dataset, or a (query, gallery) pair) the deterministic eval transform."""
+    from ctxsim.data.transforms import eval_transform
+
+    for ds in split if isinstance(split, tuple) else (split,):
+        ds.transform = eval_transform(preprocess)
+
+
 def build_datasets(cfg, rank: int = 0, world_size: int = 1, device: str | None = None) -> RunData:
     """Datasets, sampler and loader; under DDP the sampler yields rank ``rank``'s chunk of each global batch.
 
@@ -66,8 +74,7 @@ def build_datasets(cfg, rank: int = 0, world_size: int = 1, device: str | None =
     if d.label_noise:
         train = _noisy(train, d.label_noise, cfg.seed)
     train.transform = train_transform(cfg.preprocess, scale=tuple(d.train_scale), hflip=d.flip)
-    for ds in test if isinstance(test, tuple) else (test,):
-        ds.transform = eval_transform(cfg.preprocess)
+    _set_eval_transform(test, cfg.preprocess)
     common = dict(batch_size=d.batch_size, m=d.m, num_batches=d.batches_per_epoch, seed=cfg.seed,
                   rank=rank, world_size=world_size)
     if d.sampler == "hierarchical":
@@ -84,11 +91,8 @@ def build_datasets(cfg, rank: int = 0, world_size: int = 1, device: str | None =
 
 def open_eval_split(cfg, preprocess):
     """The run's whole evaluation split with the eval transform: a dataset, or a (query, gallery) pair."""
-    from ctxsim.data.transforms import eval_transform
-
     _, test = _open(cfg)
-    for ds in test if isinstance(test, tuple) else (test,):
-        ds.transform = eval_transform(preprocess)
+    _set_eval_transform(test, preprocess)
     return test
 
 
@@ -96,9 +100,8 @@ def open_eval_dataset(cfg, preprocess, limit: int | None = None):
     """The run's held-out evaluation images with the eval transform; ``limit`` keeps a deterministic subset
     of whole classes (the first classes in label order) totalling at most ``limit`` images."""
     from ctxsim.data.datasets import subset
-    from ctxsim.data.transforms import eval_transform
 
-    _, test = _open(cfg)
+    test = open_eval_split(cfg, preprocess)
     if isinstance(test, tuple):
         raise ConfigError("this dataset evaluates with separate query and gallery sets; use its gallery folder")
     if limit is not None and limit < len(test):
@@ -110,6 +113,5 @@ def open_eval_dataset(cfg, preprocess, limit: int | None = None):
                 break
             keep.extend(idx.tolist())
             total += len(idx)
-        test = subset(test, sorted(keep))
-    test.transform = eval_transform(preprocess)
+        test = subset(test, sorted(keep))  # keeps the transform
     return test
