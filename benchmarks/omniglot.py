@@ -76,7 +76,7 @@ INVESTIGATE = [  # label, hybrid params, lr (None = hybrid's picked lr), warm-up
 ]
 NOISE_METHODS = ["hybrid", "hybrid-m0.9", "contrastive", "multisimilarity"]
 TUNED_LAMS = [0.0, 0.2, 0.4, 0.6, 1.0]  # lam sweep again with the positive margin 0.9
-LITE0_METHODS = ["hybrid", "contrastive", "multisimilarity"]
+LITE0_METHODS = ["hybrid", "hybrid-m0.9", "contrastive", "multisimilarity"]
 
 
 def base_overrides(mode: str, data_root: Path) -> dict:
@@ -250,11 +250,11 @@ def plan(mode: str, part: str, data_root: Path, seeds: int, methods=None, lrs=No
         if lr is not None:
             specs = [tuned_spec(mode, lam, lr, data_root) for lam in TUNED_LAMS]
     elif part == "noise":
-        for me in NOISE_METHODS:
-            lr = pick_lr(mode, "main", me, LR_GRID, data_root)
-            if lr is not None:
-                specs += [make_spec(mode, "noise0.2", me, lr, s, data_root, noise=0.2)
-                          for s in range(m["noise_seeds"])]
+        for s in range(m["noise_seeds"]):  # seed-major: an interrupted run still has every method at seed 0
+            for me in NOISE_METHODS:
+                lr = pick_lr(mode, "main", me, LR_GRID, data_root)
+                if lr is not None:
+                    specs.append(make_spec(mode, "noise0.2", me, lr, s, data_root, noise=0.2))
     elif part == "lite0":
         specs = [make_spec(mode, "lite0", me, lr, 0, data_root, lite0=True)
                  for me in LITE0_METHODS for lr in LITE0_LR_GRID]
@@ -270,6 +270,9 @@ def tuned_spec(mode, lam, lr, data_root, seed=0) -> dict:
 
 
 def investigate_spec(mode, params, lr, warmup, data_root, seed=0) -> dict:
+    """An investigation run; a change that equals a main-table method (margins 0.9/0.6) shares its cache entry."""
+    if not warmup and {**HYBRID, **params} == METHODS["hybrid-m0.9"][2]:
+        return make_spec(mode, "main", "hybrid-m0.9", lr, seed, data_root)
     tag = "_".join(f"{k}{v:g}" if isinstance(v, float) else f"{k}-{v}" for k, v in params.items()) or "default"
     if warmup:
         tag += f"_warmup{warmup}"
@@ -362,33 +365,45 @@ def plot(mode: str, data_root: Path, path: Path, seeds: int) -> bool:
     return True
 
 
-def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
-    m = MODES[mode]
-    L = [SECTION, ""]
-    steps = f"{m['batches']} batches of 128" if m["batches"] else "all training images"
-    L += ["Protocol: train on Omniglot's background set minus 20% of its 30 alphabets (held out by alphabet for "
-          "validation), report on the 659 evaluation characters (13,180 images, every image querying all others). "
-          "Every method uses the `omniglot` recipe's network (4-block ConvNet, 28 px greyscale, max pooling + "
-          "LayerNorm, 128-d embedding), augmentation (random resized crop, scale 0.8-1), batches of 128 with m = 4, "
-          "Adam (weight decay 1e-4, backbone at half the head's lr) and the same number of epochs. Each method's lr "
-          f"is the value of the grid {{{', '.join(f'{x:g}' for x in LR_GRID)}}} with the best final validation-"
-          "alphabet R@1 (seed 0); the evaluation characters never influence a choice. Figures: % on the "
-          "evaluation characters, mean ± std over seeds (a single value where one seed ran). The full protocol "
-          "(`python benchmarks/omniglot.py`) is 3 seeds of 5 epochs over all ~15,500 training images for every "
-          "table below; what ran is labelled in each heading.", ""]
-    notes = RESULTS / f"notes_{mode}.md"
+COMMANDS = {  # what reproduces each mode's tables (the per-run cache lets them run in pieces with --parts)
+    "full": "python benchmarks/omniglot.py --jobs 2",
+    "quick": "python benchmarks/omniglot.py --quick --seeds 3 --jobs 2 "
+             "--parts main,seeds,ablations,warmup,investigate,tuned,noise",
+}
+MAX_SEEDS = 10  # the report aggregates every cached seed up to this
+
+
+def report(data_root: Path) -> str:
+    """The whole docs section: protocol, hand-written findings, the full protocol's tables, then quick mode's."""
+    L = [SECTION, "",
+         "Protocol: train on Omniglot's background set minus 20% of its 30 alphabets (held out by alphabet for "
+         "validation), report on the 659 evaluation characters (13,180 images, every image querying all others). "
+         "Every method uses the `omniglot` recipe's network (4-block ConvNet, 28 px greyscale, max pooling + "
+         "LayerNorm, 128-d embedding), augmentation (random resized crop, scale 0.8-1), batches of 128 with m = 4, "
+         "Adam (weight decay 1e-4, backbone at half the head's lr) and the same number of epochs. Each method's lr "
+         f"is the value of the grid {{{', '.join(f'{x:g}' for x in LR_GRID)}}} with the best final validation-"
+         "alphabet R@1 (seed 0); the evaluation characters never influence a choice. Figures: % on the "
+         "evaluation characters, mean ± std over seeds (a single value where one seed ran).", ""]
+    notes = RESULTS / "notes.md"
     if notes.exists():  # hand-written findings, kept next to the cached results so the script reproduces the section
         L += [notes.read_text(encoding="utf-8").rstrip("\n"), ""]
-    other = "full" if mode == "quick" else "quick"
-    if mode == "quick" and (RESULTS / other / "main").exists():
-        L += slice_table(other, data_root)
-    if mode == "quick":
-        L += [f"### Quick mode: {seeds} seed(s), {m['epochs']} short epochs of {steps} "
-              f"({m['epochs'] * (m['batches'] or 0) * 128:,} training images seen in all, no lr decay)", "",
-              "Early-training evidence, not the full protocol; the ablations, the investigation and the noise study "
-              "below ran in this mode only.", ""]
+    for mode in MODES:
+        if (RESULTS / mode).exists():
+            L += mode_report(mode, data_root)
+    return "\n".join(L)
+
+
+def mode_report(mode: str, data_root: Path) -> list[str]:
+    m, seeds = MODES[mode], MAX_SEEDS
+    n_seeds = max((len(cached_seeds(mode, me, data_root)) for me in METHODS), default=0)
+    if mode == "full":
+        L = [f"### Full protocol: {n_seeds} seeds, {m['epochs']} epochs over all ~15,500 training images "
+             f"(lr x0.3 after epoch {m['milestones'][0]})", ""]
     else:
-        L += [f"### Full protocol: {seeds} seeds, {m['epochs']} epochs over all training images", ""]
+        L = [f"### Quick mode: {n_seeds} seeds, {m['epochs']} short epochs of {m['batches']} batches of 128 "
+             f"({m['epochs'] * m['batches'] * 128:,} training images seen in all, no lr decay)", "",
+             "Early-training evidence that runs in minutes; the investigation of where the hybrid trails ran in this "
+             "mode only.", ""]
     # main table
     L += ["| method | lr (picked on val) | val R@1 per lr (" + " / ".join(f"{x:g}" for x in LR_GRID) + ") | seeds | "
           + " | ".join(METRICS) + " |", "|---|---|---|---|" + "---|" * len(METRICS)]
@@ -483,7 +498,7 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
                         f"{fmt(t.get('MAP@R'))} |")
     if rows:
         L += ["#### Label noise (data.label_noise 0.2: 20% of training labels replaced at random; lr as picked on "
-              f"clean data, {m['noise_seeds']} seed(s))", "",
+              "clean data; mean ± std where more than one seed ran)", "",
               "| method | lr | clean test R@1 (main table) | noisy test R@1 | change | noisy MAP@R |", "|---|---|---|---|---|---|",
               *rows, ""]
     # lite0
@@ -496,103 +511,28 @@ def report(mode: str, data_root: Path, seeds: int, command: str) -> str:
             t = agg([done[lr_b]])
             L_ = f"{len(done)}/{len(LITE0_LR_GRID)} lrs"
             rows.append(f"| {METHODS[me][0]} | {lr_b:g} ({L_}) | {fmt(t.get('R@1'))} | {fmt(t.get('MAP@R'))} |")
-    L += ["### Regime (b): fine-tuning ImageNet EfficientNet-Lite0",
-          "", f"EfficientNet-Lite0 (offline ImageNet weights), RGB 64 px, mean/std 0.5, avg pooling + LayerNorm, "
-          f"frozen BN, {m['lite0_epochs']} epoch(s)"
-          + (f" of {m['lite0_batches']} batches" if m["lite0_batches"] else "") + ", lr grid "
-          f"{{{', '.join(f'{x:g}' for x in LITE0_LR_GRID)}}} picked on val, 1 seed.", ""]
+    lite0_head = ["#### Regime (b): fine-tuning ImageNet EfficientNet-Lite0", "",
+                  "EfficientNet-Lite0 (offline ImageNet weights), RGB 64 px, mean/std 0.5, avg pooling + LayerNorm, "
+                  f"frozen BN, {m['lite0_epochs']} epoch(s)"
+                  + (f" of {m['lite0_batches']} batches" if m["lite0_batches"] else "") + ", lr grid "
+                  f"{{{', '.join(f'{x:g}' for x in LITE0_LR_GRID)}}} picked on val, 1 seed.", ""]
     if rows:
-        L += ["| method | lr | test R@1 | test MAP@R |", "|---|---|---|---|", *rows, ""]
-    else:
-        L += ["Not run on this machine yet: `python benchmarks/omniglot.py --parts lite0` (with `--quick` for a "
-              "one-epoch slice) runs it.", ""]
+        L += lite0_head + ["| method | lr | test R@1 | test MAP@R |", "|---|---|---|---|", *rows, ""]
+    elif mode == "full":
+        L += lite0_head + ["Not run on this machine yet: `python benchmarks/omniglot.py --parts lite0` runs it.", ""]
     runs = [json.loads(p.read_text()) for p in (RESULTS / mode).rglob("*.json")]
     done, secs = len(runs), sum(r["seconds"] for r in runs)
-    L += [f"Command: `{command}`. Machine: {machine()}, shared with other jobs while it ran. "
-          f"{done} cached runs, {secs / 3600:.1f} h of wall time in all (runs in parallel where `--jobs` > 1). Per-run JSON (config, per-epoch metrics): "
-          f"`benchmarks/results/omniglot/{mode}/`.", ""]
-    return "\n".join(L)
+    L += [f"Command: `{COMMANDS[mode]}`. Machine: {machine()}, shared with other jobs while it ran. "
+          f"{done} cached runs, {secs / 3600:.1f} h of wall time in all (two runs at a time). Per-run JSON (config, "
+          f"per-epoch metrics): `benchmarks/results/omniglot/{mode}/`.", ""]
+    return L
 
 
-def slice_table(mode: str, data_root: Path) -> list[str]:
-    """Every cached main-grid run of ``mode`` (used for a partial full-protocol slice), one row per run."""
-    rows = []
-    for me, (label, *_r) in METHODS.items():
-        for lr in LR_GRID:
-            for s in range(MODES[mode]["seeds"]):
-                r = load_result(make_spec(mode, "main", me, lr, s, data_root))
-                if not r:
-                    continue
-                if r["error"]:
-                    rows.append(f"| {label} | {lr:g} | {s} | failed: {r['error'][:60]} | | | |")
-                    continue
-                f = r["final"]
-                curve = " / ".join(f"{100 * h['test/R@1']:.1f}" for h in r["history"] if "test/R@1" in h)
-                rows.append(f"| {label} | {lr:g} | {s} | {100 * f['val/R@1']:.1f} | {100 * f['test/R@1']:.1f} | "
-                            f"{100 * f['test/MAP@R']:.1f} | {curve} |")
-    if not rows:
+def cached_seeds(mode: str, method: str, data_root: Path) -> list[int]:
+    lr = pick_lr(mode, "main", method, LR_GRID, data_root)
+    if lr is None:
         return []
-    m = MODES[mode]
-    summary = []
-    for me, (label, *_r) in METHODS.items():
-        rs = {lr: load_result(make_spec(mode, "main", me, lr, 0, data_root)) for lr in LR_GRID}
-        done = {lr: r for lr, r in rs.items() if r and not r["error"]}
-        if not done:
-            continue
-        lr_b = max(done, key=lambda k: val_score(done[k]))
-        runs = [load_result(make_spec(mode, "main", me, lr_b, sd, data_root)) for sd in range(m["seeds"])]
-        t = agg(runs)
-        note = "" if len(done) == len(LR_GRID) else f" ({len(done)} of {len(LR_GRID)} lrs run)"
-        summary.append(f"| {label} | {lr_b:g}{note} | {100 * val_score(done[lr_b]):.1f} | {t['R@1'][2]} | "
-                       + " | ".join(fmt(t.get(k)) for k in METRICS) + " |")
-    png = REPO / "docs" / f"omniglot_{mode}_slice_r1.png"
-    extra = []
-    if plot_slice(mode, data_root, png):
-        extra = [f"![test R@1 per epoch, full-protocol slice](omniglot_{mode}_slice_r1.png)", ""]
-    return [f"### Full-length training ({m['epochs']} epochs over all ~15,500 training images, lr decay x0.3 after "
-            f"epoch {m['milestones'][0]}): the full protocol's lr grid at seed 0, plus seeds 1-2 at the picked lr "
-            "only where the `seeds` column says 3", "",
-            "Commands: `python benchmarks/omniglot.py --parts main --jobs 2` (the first part of the full protocol), "
-            "then `python benchmarks/omniglot.py --parts seeds --methods hybrid-m0.9,contrastive --jobs 2`; the other "
-            "methods' seeds 1-2, the ablations, the noise study and regime (b) did not run at this length before the "
-            "deadline. Each method's lr picked on the validation alphabets; test figures in %. With one seed, "
-            "differences of 1-2 points are within the seed-to-seed spread seen in quick mode.", "",
-            "| method | lr (picked on val) | val R@1 (seed 0) | seeds | " + " | ".join(METRICS) + " |",
-            "|---|---|---|---|" + "---|" * len(METRICS), *summary, "", *compare(mode, data_root, m["seeds"]),
-            "Every run:", "",
-            "| method | lr | seed | val R@1 | test R@1 | test MAP@R | test R@1 per epoch |",
-            "|---|---|---|---|---|---|---|", *rows, "", *extra]
-
-
-def plot_slice(mode: str, data_root: Path, path: Path) -> bool:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    n = 0
-    for me, (label, *_r) in METHODS.items():
-        for lr in LR_GRID:
-            r = load_result(make_spec(mode, "main", me, lr, 0, data_root))
-            if r and not r["error"]:
-                h = [x for x in r["history"] if "test/R@1" in x]
-                ax.plot([x["epoch"] for x in h], [100 * x["test/R@1"] for x in h], marker="o",
-                        label=f"{label}, lr {lr:g}")
-                n += 1
-    if not n:
-        plt.close(fig)
-        return False
-    ax.set_xlabel("epoch (all training images)")
-    ax.set_ylabel("test R@1 (%), 659 evaluation characters")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(f"Omniglot, {mode}-protocol slice (seed 0)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return [s for s in range(MAX_SEEDS) if load_result(make_spec(mode, "main", method, lr, s, data_root))]
 
 
 def compare(mode: str, data_root: Path, seeds: int) -> list[str]:
@@ -655,9 +595,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     mode = "quick" if args.quick else "full"
     seeds = args.seeds or MODES[mode]["seeds"]
-    command = "python benchmarks/omniglot.py" + (" --quick" if args.quick else "") + (
-        f" --seeds {args.seeds}" if args.seeds else "") + (f" --parts {args.parts}" if args.parts else "") + (
-        f" --jobs {args.jobs}" if args.jobs > 1 else "")
 
     def log(msg: str) -> None:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
@@ -670,11 +607,9 @@ def main(argv: list[str] | None = None) -> int:
                          lrs=[float(x) for x in args.lrs.split(",")] if args.lrs else None)
             log(f"part {part}: {len(specs)} runs")
             execute(specs, args.jobs, log)
-            write_section(report(mode, args.data, seeds, command))  # partial results land as they come
-    text = report(mode, args.data, seeds, command)
-    (RESULTS / f"section_{mode}.md").write_text(text + "\n", encoding="utf-8")
-    write_section(text)
-    log(f"wrote {DOC.relative_to(REPO)} and docs/omniglot_{mode}_r1.png")
+            write_section(report(args.data))  # partial results land as they come
+    write_section(report(args.data))
+    log(f"wrote {DOC.relative_to(REPO)} and its plots in docs/")
     return 0
 
 
