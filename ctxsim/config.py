@@ -30,6 +30,8 @@ class DataConfig:
     flip: bool = True
     on_error: str = "raise"            # corrupt images: "raise" or "skip" (counted and reported)
     label_noise: float = 0.0           # fraction of training labels replaced at random (robustness studies)
+    decode: str = "loader"             # training JPEGs: "loader" (Pillow in the DataLoader) or "device" (nvJPEG
+                                       # and augmentation on the training GPU; ctxsim.data.device_decode)
 
 
 @dataclass
@@ -196,6 +198,8 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError(f"optim.schedule must be multistep, step, cosine or none, got {cfg.optim.schedule!r}")
     if cfg.data.on_error not in ("raise", "skip"):
         raise ConfigError(f"data.on_error must be raise or skip, got {cfg.data.on_error!r}")
+    if cfg.data.decode not in ("loader", "device"):
+        raise ConfigError(f"data.decode must be loader or device, got {cfg.data.decode!r}")
     if not 0.0 <= cfg.data.label_noise < 1.0:
         raise ConfigError(f"data.label_noise must be in [0, 1), got {cfg.data.label_noise}")
     if cfg.preprocess.channels == "L" and cfg.model.in_channels != 1:

@@ -104,7 +104,7 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # fixed m-per-class batch shapes: pick the fastest kernels once
         seed_everything(cfg.seed)  # the same on every rank: identical initial weights
 
-        self.data = build_datasets(cfg, rank=self.rank, world_size=self.world_size, device=self.device.type)
+        self.data = build_datasets(cfg, rank=self.rank, world_size=self.world_size, device=self.device)
         self.model = EmbeddingNet(cfg.model)
         if weights:
             load_weights_file(self.model.backbone, weights)
@@ -274,6 +274,8 @@ class Trainer:
         for step, (x, y) in enumerate(data.loader):
             self._set_warmup(self.epoch + step / steps)
             self.step_in_epoch = step + 1
+            if data.augment is not None:             # data.decode=device: x is a list of encoded JPEGs
+                x = data.augment(x)
             value = self.train_step(x, y)
             total += value
             seen += len(x) * self.world_size         # global images

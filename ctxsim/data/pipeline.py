@@ -15,6 +15,7 @@ class RunData:
     val: object | None            # validation classes split off the training set, or None
     sampler: object
     loader: object
+    augment: object = None        # data.decode=device: DeviceAugment turning the loader's encoded bytes into a batch
 
     def eval_sets(self) -> dict[str, object]:
         return {"val": self.val, "test": self.test} if self.val is not None else {"test": self.test}
@@ -55,10 +56,11 @@ def _set_eval_transform(split, preprocess) -> None:
         ds.transform = eval_transform(preprocess)
 
 
-def build_datasets(cfg, rank: int = 0, world_size: int = 1, device: str | None = None) -> RunData:
+def build_datasets(cfg, rank: int = 0, world_size: int = 1, device=None) -> RunData:
     """Datasets, sampler and loader; under DDP the sampler yields rank ``rank``'s chunk of each global batch.
 
-    ``device`` is the training device type ("cuda" pins loader memory); default: from ``cfg.device``.
+    ``device`` is the training device (CUDA pins loader memory; data.decode=device decodes there); default: from
+    ``cfg.device``.
     """
     from ctxsim.data.datasets import class_disjoint_split
     from ctxsim.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
@@ -85,6 +87,13 @@ def build_datasets(cfg, rank: int = 0, world_size: int = 1, device: str | None =
         raise ConfigError(f"data.sampler must be m_per_class or hierarchical, got {d.sampler!r}")
     if device is None:
         device = "cuda" if cfg.device.startswith("cuda") else "cpu"
+    if d.decode == "device":  # the loader only reads bytes; the training device decodes and augments
+        from ctxsim.data.device_decode import DeviceAugment, EncodedImages, collate_encoded
+
+        loader = make_loader(EncodedImages(train), batch_sampler=sampler, num_workers=d.num_workers, device=device,
+                             collate_fn=collate_encoded)
+        augment = DeviceAugment(cfg.preprocess, tuple(d.train_scale), d.flip, device)
+        return RunData(train, test, val, sampler, loader, augment)
     loader = make_loader(train, batch_sampler=sampler, num_workers=d.num_workers, device=device)
     return RunData(train, test, val, sampler, loader)
 

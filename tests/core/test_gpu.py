@@ -1,5 +1,6 @@
-"""CUDA training paths: a bf16 step keeps the loss in float32 and matches CPU fp32 loosely, channels_last, and a
-step with the backbone compiled. Skipped where no CUDA GPU is visible (run by benchmarks/gpu_check.sh)."""
+"""CUDA training paths: a bf16 step keeps the loss in float32 and matches CPU fp32 loosely, channels_last, a
+step with the backbone compiled, and nvJPEG decoding (data.decode=device). Skipped where no CUDA GPU is visible
+(run by benchmarks/gpu_check.sh)."""
 from __future__ import annotations
 
 import pytest
@@ -82,3 +83,28 @@ def test_compiled_backbone_step(tmp_path):
     trainer.cfg.epochs = 1
     result = trainer.fit()  # a whole (1-step) epoch with evaluation through the compiled backbone
     assert 0.0 <= result.metrics["R@1"] <= 1.0
+
+
+def test_nvjpeg_device_decode_matches_the_cpu_path(tmp_path):
+    """data.decode=device on CUDA (nvJPEG) gives the CPU (libjpeg) result for the same seed, and trains."""
+    from test_device_decode import config as jpeg_config
+    from test_device_decode import jpeg_tree
+
+    from ctxsim.data.datasets import ImageFolderDataset
+    from ctxsim.data.device_decode import DeviceAugment, EncodedImages, collate_encoded
+    from ctxsim.data.transforms import Preprocess
+    from ctxsim.train import Trainer
+
+    root = jpeg_tree(tmp_path / "data")
+    enc = EncodedImages(ImageFolderDataset(root))
+    batch_bytes, _ = collate_encoded([enc[i] for i in range(12)])
+    p = Preprocess(24, 24, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    out = {}
+    for dev in ("cpu", "cuda"):
+        torch.manual_seed(0)
+        out[dev] = DeviceAugment(p, (0.3, 1.0), True, dev)(batch_bytes).cpu()
+    diff = (out["cuda"] - out["cpu"]).abs() * torch.tensor(p.std).view(1, -1, 1, 1)
+    assert diff.mean() < 0.01 and diff.max() < 0.1, (diff.mean(), diff.max())  # decoders' IDCTs differ slightly
+    trainer = Trainer(jpeg_config(root, device="cuda"), tmp_path / "run")
+    assert trainer.data.augment.device.type == "cuda"
+    assert torch.isfinite(torch.tensor(trainer.train_epoch()["loss"]))
