@@ -345,9 +345,14 @@ def plot(mode: str, data_root: Path, path: Path, seeds: int) -> bool:
             continue
         n = min(len(r["history"]) for r in runs)
         epochs = [runs[0]["history"][i]["epoch"] for i in range(n)]
-        ys = [100 * statistics.mean(r["history"][i]["test/R@1"] for r in runs) for i in range(n)]
-        ax.plot(epochs, ys, marker="o", label=f"{label}, lr {lr:g}" + (f", mean of {len(runs)} seeds"
-                                                                         if len(runs) > 1 else ""))
+        per_epoch = [[100 * r["history"][i]["test/R@1"] for r in runs] for i in range(n)]
+        ys = [statistics.mean(v) for v in per_epoch]
+        line, = ax.plot(epochs, ys, marker="o", label=f"{label}, lr {lr:g}" + (
+            f", mean ± std of {len(runs)} seeds" if len(runs) > 1 else ""))
+        if len(runs) > 1:
+            sd = [statistics.stdev(v) for v in per_epoch]
+            ax.fill_between(epochs, [y - d for y, d in zip(ys, sd)], [y + d for y, d in zip(ys, sd)],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
         any_line = True
     if not any_line:
         plt.close(fig)
@@ -355,7 +360,7 @@ def plot(mode: str, data_root: Path, path: Path, seeds: int) -> bool:
     ax.set_xlabel("epoch" + (f" ({MODES[mode]['batches']} batches of 128)" if MODES[mode]["batches"] else ""))
     ax.set_ylabel("test R@1 (%), 659 evaluation characters")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_title(f"Omniglot, {mode} mode")
+    ax.set_title(f"Omniglot, {'full protocol' if mode == 'full' else 'quick mode'}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -538,7 +543,8 @@ def cached_seeds(mode: str, method: str, data_root: Path) -> list[int]:
 def compare(mode: str, data_root: Path, seeds: int) -> list[str]:
     """Hybrid minus contrastive, per seed (same seed = same class split, sampler and initialisation)."""
     out = []
-    for mine, other in (("hybrid", "contrastive"), ("hybrid", "contextual"), ("hybrid-m0.9", "contrastive")):
+    for mine, other in (("hybrid", "contrastive"), ("hybrid", "contextual"), ("hybrid-m0.9", "contrastive"),
+                        ("hybrid-m0.9", "multisimilarity")):
         lr_h = pick_lr(mode, "main", mine, LR_GRID, data_root)
         lr_o = pick_lr(mode, "main", other, LR_GRID, data_root)
         if lr_h is None or lr_o is None:
