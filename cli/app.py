@@ -130,7 +130,7 @@ def main() -> None:
     try:
         app()
     except CtxsimError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False)
+        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")
