@@ -9,7 +9,8 @@
 #   0. install: wheels from ./wheels or ./.whl when present (pip --no-index), then ctxsim itself
 #      (pip install --no-deps --no-build-isolation -e .); pytorch-metric-learning, when missing, is replaced by
 #      an empty stub (only the pml baseline losses need it; nothing here builds them)
-#   1. pytest -m gpu tests/core/test_gpu.py  (bf16 step: fp32 loss, CPU match; channels_last; compiled step)
+#   1. pytest -m gpu tests/core/test_gpu.py  (bf16 step: fp32 loss, CPU match; channels_last; compiled step;
+#      nvJPEG decode (data.decode=device) vs the CPU path)
 #   2. benchmarks/train_speed.py   Trainer.train_step vs bare loop, ResNet-50 224 px batch 128; fp16 vs bf16
 #   3. benchmarks/loss_cost.py     hybrid loss fwd+bwd at 128/256/512 as a share of a ResNet-50 step
 #   4. benchmarks/gpu_search.py    exact top-k over 1,000,000 x 512 (ctxsim.knn) vs the bandwidth bound
