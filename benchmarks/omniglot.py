@@ -33,6 +33,8 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+from common import cpu_name  # noqa: E402
 DATA = REPO.parent / "shared" / "data" / "omniglot"
 RESULTS = REPO / "benchmarks" / "results" / "omniglot"
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -322,18 +324,10 @@ def fmt(t: tuple[float, float, int] | None) -> str:
 
 
 def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
 
-    return (f"{cpu}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, torch {torch.__version__} "
-            f"(CPU)")
+    return (f"{cpu_name()}, {os.cpu_count()} cores, no GPU; Python {platform.python_version()}, "
+            f"torch {torch.__version__} (CPU)")
 
 
 def plot(mode: str, data_root: Path, path: Path, seeds: int) -> bool:
