@@ -11,18 +11,21 @@ from ctxsim.cli.console import console, err_console, progress_callback
 
 
 def parity_table(reports: dict) -> Table:
-    """One row per artifact: verdict, cosine, ΔR@1, ΔMAP@R, neighbour overlap, cross-model R@1, failures."""
+    """One row per artifact: verdict, cosine, ΔR@1, R@1 flips (of them near-ties), ΔMAP@R, neighbour overlap,
+    cross-model R@1."""
     table = Table(title="parity against the PyTorch fp32 model")
     for col in ("artifact", "precision", "images", "verdict", "min cos", "p1 cos", "R@1 ref", "ΔR@1 pts",
-                "ΔMAP@R pts", "kNN Jaccard", "cross R@1"):
+                "R@1 flips (ties)", "ΔMAP@R pts", "kNN Jaccard", "cross R@1"):
         table.add_column(col, justify="left" if col in ("artifact", "verdict") else "right")
     for name, r in reports.items():
         d = r.to_dict()
         delta = d["retrieval"].get("delta_points") or {}
+        ties = d["retrieval"].get("ties")
+        flips = f"{ties['flips']} ({ties['flips_near_tied']})" if ties else "-"
         table.add_row(
             name, d["precision"], str(d["images"]), "[green]pass[/green]" if d["passed"] else "[red]FAIL[/red]",
             _f(d["embedding"].get("cosine_min"), 6), _f(d["embedding"].get("cosine_p1"), 6),
-            _f(d["retrieval"]["reference"].get("R@1"), 4), _f(delta.get("R@1"), 2), _f(delta.get("MAP@R"), 2),
+            _f(d["retrieval"]["reference"].get("R@1"), 4), _f(delta.get("R@1"), 2), flips, _f(delta.get("MAP@R"), 2),
             _f(d["neighbours"].get("jaccard_mean"), 4), _f(d["cross"].get("R@1"), 4))
     return table
 

@@ -72,6 +72,7 @@ def run_demo(out_dir: str | Path = "runs/demo", epochs: int = 5, callback: Calla
     summary.tables["export: parity of each artifact against the PyTorch fp32 model"] = {
         name: {"passed": "yes" if r.passed else "NO", "min cosine": r.embedding["cosine_min"],
                "R@1 ref": r.retrieval["reference"]["R@1"], "R@1 artifact": r.retrieval["artifact"]["R@1"],
+               "R@1 flips (near-ties)": f"{r.retrieval['ties']['flips']} ({r.retrieval['ties']['flips_near_tied']})",
                "kNN Jaccard": r.neighbours["jaccard_mean"], "cross R@1": r.cross["R@1"]}
         for name, r in exported.parity.items()}
 

@@ -28,6 +28,7 @@ def test_parity_command_exit_codes(app, tmp_path, convnet_run, convnet_export):
     bad = runner.invoke(app, ["parity", str(convnet_run), "--artifact", str(damaged), "--limit", "400"])
     assert bad.exit_code == 1
     assert "min_cosine" in bad.output
+    assert "R@1 flips" in bad.output  # the flips column, with how many of them are near-ties
 
     user_error = runner.invoke(app, ["parity", str(convnet_run), "--artifact", str(tmp_path / "missing.onnx")])
     assert isinstance(user_error.exception, CtxsimError)  # main() prints it as one line and exits 2

@@ -8,7 +8,9 @@ import pytest
 
 from ctxsim.errors import ConfigError, FingerprintMismatch
 from ctxsim.export import assert_parity, check_parity, export_onnx, parse_thresholds
-from ctxsim.export.parity import DEFAULT_THRESHOLDS, cosine_rows, cross_recall_at_1, resolve_thresholds, topk_jaccard
+from ctxsim.export.parity import (DEFAULT_THRESHOLDS, cosine_rows, cross_recall_at_1, r1_flips, r1_margins,
+                                  resolve_thresholds, topk_jaccard)
+from ctxsim.evaluate import retrieval_metrics
 
 from export_helpers import make_run, perturb_onnx
 
@@ -31,7 +33,9 @@ def test_fp32_onnx_passes_on_real_images(fp32_report, convnet_export):
     assert 0.0 < r.retrieval["reference"]["R@1"] <= 1.0  # not a degenerate (all-equal) embedding
     assert r.neighbours["k"] == 10 and r.neighbours["jaccard_mean"] > 0.99
     assert r.cross["R@1"] == pytest.approx(r.retrieval["reference"]["R@1"])
-    assert {c["check"] for c in r.checks} == set(DEFAULT_THRESHOLDS["fp32"]) and all(c["passed"] for c in r.checks)
+    assert {c["check"] for c in r.checks} == set(DEFAULT_THRESHOLDS["fp32"]) - {"tie_margin"}
+    assert all(c["passed"] for c in r.checks)
+    assert r.retrieval["ties"]["flips"] == 0 and r.retrieval["ties"]["tie_margin"] == 1e-5
 
     on_disk = json.loads((convnet_export.out_dir / "parity.json").read_text())
     assert on_disk["model.onnx"]["passed"] is True
@@ -56,6 +60,13 @@ def test_damaged_model_fails_parity(tmp_path, convnet_run, convnet_export):
     with pytest.raises(AssertionError, match="parity failed"):
         assert_parity(convnet_run, damaged, limit=LIMIT, write=False)
     assert json.loads((damaged.parent / "parity.json").read_text())["model.onnx"]["passed"] is False
+    # the flips of a damaged model are decisive ones: the tie margin does not hide them from ΔR@1
+    ties = r.retrieval["ties"]
+    assert ties["flips"] > ties["flips_near_tied"]
+    assert ties["delta_R@1_points"] != 0.0
+    only_r1 = check_parity(convnet_run, damaged, limit=LIMIT, write=False,
+                           thresholds="min_cosine=none,max_norm_error=none,max_abs_delta_r1_points=0.0")
+    assert [f for f in only_r1.failures if "max_abs_delta_r1_points" in f]
 
 
 def test_uint8_graph_passes_fp32_parity(tmp_path, convnet_run):
@@ -91,8 +102,11 @@ def test_parse_and_resolve_thresholds():
         parse_thresholds("min_cosine=high")
     with pytest.raises(ConfigError, match="key=value"):
         parse_thresholds("min_cosine")
-    assert resolve_thresholds("int8") == {"p1_cosine": 0.98, "max_abs_delta_r1_points": 1.0, "max_norm_error": 1e-2}
-    assert resolve_thresholds("fp16", "max_abs_delta_r1_points=none") == {"min_cosine": 0.999, "max_norm_error": 1e-2}
+    assert resolve_thresholds("int8") == {"p1_cosine": 0.98, "max_abs_delta_r1_points": 1.0, "max_norm_error": 1e-2,
+                                          "tie_margin": 1e-2}
+    assert resolve_thresholds("fp16", "max_abs_delta_r1_points=none") == {
+        "min_cosine": 0.999, "max_norm_error": 1e-2, "tie_margin": 1e-3}
+    assert resolve_thresholds("fp16", "tie_margin=none")["tie_margin"] == 0.0  # off: every flip counts
     with pytest.raises(ConfigError, match="precision"):
         resolve_thresholds("bf16")
 
@@ -109,3 +123,43 @@ def test_measures_on_small_arrays():
     assert cross_recall_at_1(g, g, labels) == 1.0
     q = g[[2, 3, 0, 1]]  # every query now looks like the other class
     assert cross_recall_at_1(q, g, labels) == 0.0
+
+
+def test_r1_margins_match_recall_at_1_on_real_embeddings(fp32_report, convnet_run, convnet_export):
+    from ctxsim.export.parity import _embed_both
+    from ctxsim.data.pipeline import open_eval_dataset
+    from ctxsim.export import open_runner
+    from ctxsim.nets import load_run
+    from ctxsim.runs import run_config
+
+    model, card = load_run(convnet_run)
+    dataset = open_eval_dataset(run_config(convnet_run), card.preprocess, limit=LIMIT)
+    runner = open_runner(convnet_export.onnx_path)
+    ref, _, labels = _embed_both(model, runner, dataset, dataset.with_transform(None), runner.contract, 64, None)
+    margins = r1_margins(ref, labels, chunk=37)  # a chunk that does not divide N
+    assert np.isfinite(margins).all()
+    # the sign of the margin is the top-1 verdict: its mean is R@1 as retrieval_metrics computes it
+    assert (margins > 0).mean() == pytest.approx(retrieval_metrics(ref, labels, ks=(1,))["R@1"])
+    sims = ref.astype(np.float64) @ ref.T.astype(np.float64)
+    i = 5
+    same = labels == labels[i]
+    same[i] = False
+    assert margins[i] == pytest.approx(sims[i][same].max() - sims[i][labels != labels[i]].max(), abs=1e-6)
+
+
+def test_r1_flips_leave_out_near_ties_only():
+    labels = np.array([0, 0, 1, 1, 2])
+    # item 0: decided by 0.3; item 1: a near-tie (4e-4); item 4 has no other item of its class
+    e = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 1.0, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 1.0]])
+    margins = r1_margins(e, labels)
+    assert np.isnan(margins[4]) and not np.isnan(margins[:4]).any()
+    ref = np.array([0.3, 4e-4, 0.2, -0.1, np.nan])
+    art = np.array([0.3, -2e-4, 0.2, -0.1, np.nan])  # only the near-tie flips
+    assert r1_flips(ref, art, 1e-3) == {"tie_margin": 1e-3, "near_tied": 1, "flips": 1, "flips_near_tied": 1,
+                                        "delta_R@1_points": 0.0}
+    assert r1_flips(ref, art, 0.0)["delta_R@1_points"] == pytest.approx(-25.0)  # 1 of 4 valid queries
+    art[0] = -0.01  # a decisive query flips too: it counts whatever the tie margin
+    assert r1_flips(ref, art, 1e-3)["delta_R@1_points"] == pytest.approx(-25.0)
+    art[3] = 0.05  # and a decisive gain cancels it in the net ΔR@1, as in R@1 itself
+    out = r1_flips(ref, art, 1e-3)
+    assert out["flips"] == 3 and out["flips_near_tied"] == 1 and out["delta_R@1_points"] == 0.0
