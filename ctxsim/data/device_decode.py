@@ -2,8 +2,10 @@
 
 With the default ``data.decode: loader`` the DataLoader decodes every image with Pillow and applies the train
 transform on the CPU, which can starve a fast GPU. With ``device`` the loader only reads each file's bytes;
-:class:`DeviceAugment` decodes the whole batch at once with ``torchvision.io.decode_jpeg(..., device=...)``
-(nvJPEG on CUDA, libjpeg on the CPU) and applies the same train transform there: RandomResizedCrop with the
+:class:`DeviceAugment` decodes the whole batch at once with TorchCodec's ``decode_jpeg(..., device=...)`` where
+TorchCodec is installed (``pip install 'ctxsim[decode]'``), else with torchvision's, which torchvision 0.29
+deprecated in TorchCodec's favour (both: nvJPEG on CUDA, libjpeg-turbo on the CPU), and applies the same train
+transform there: RandomResizedCrop with the
 recipe's scale range, optional horizontal flip, scaling to [0, 1] and the preprocessing contract's mean/std.
 Evaluation keeps the Pillow pipeline (``eval_transform``), which is the exported model's contract.
 
@@ -15,12 +17,11 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 from torchvision import transforms as T
-from torchvision.io import ImageReadMode
 from torchvision.transforms import functional as F
 
 from ctxsim.data.datasets import ImageDataset
@@ -29,6 +30,32 @@ from ctxsim.errors import ConfigError, DataError
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
+
+
+def jpeg_decoder(prefer: str = "torchcodec") -> tuple[str, Callable[..., list[torch.Tensor]]]:
+    """(name, decode) where ``decode(list_of_byte_tensors, channels, device)`` returns CHW uint8 tensors.
+    TorchCodec when it imports (``prefer="torchvision"`` skips it), else torchvision."""
+    if prefer not in ("torchcodec", "torchvision"):
+        raise ConfigError(f"JPEG decoder must be torchcodec or torchvision, got {prefer!r}")
+    if prefer == "torchcodec":
+        try:
+            from torchcodec.decoders import decode_jpeg as codec_decode
+        except (ImportError, OSError, RuntimeError):  # missing, or built for another torch: use torchvision
+            pass
+        else:
+            def decode_codec(encoded, channels, device):
+                return codec_decode(list(encoded), mode="RGB" if channels == "RGB" else "GRAY", device=device)
+            return "torchcodec", decode_codec
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    def decode_vision(encoded, channels, device):
+        mode = ImageReadMode.RGB if channels == "RGB" else ImageReadMode.GRAY
+        with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; its API still works
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", UserWarning)
+            return decode_jpeg(list(encoded), mode=mode, device=device)
+    return "torchvision", decode_vision
 
 
 def _read_file(path: str) -> torch.Tensor:
@@ -45,7 +72,7 @@ class EncodedImages(Dataset):
         if dataset.on_error != "raise":
             raise ConfigError("data.decode=device decodes whole batches and cannot skip a corrupt image: use "
                               "data.on_error=raise, or data.decode=loader")
-        sources = [str(s) for s in dataset._sources]
+        sources = [str(r.source) for r in dataset.records]
         other = next((s for s in sources if not s.lower().endswith(JPEG_SUFFIXES)), None)
         if other is not None:
             raise ConfigError(f"data.decode=device decodes JPEG only; {other} is not a .jpg/.jpeg file: use "
@@ -69,30 +96,27 @@ def collate_encoded(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[list[tor
 
 class DeviceAugment:
     """Decode a list of JPEG byte tensors on ``device`` and apply the train transform there; returns (B, C, S, S)
-    float32 on ``device``. Crop and flip draws come from torch's global CPU generator, like the loader pipeline."""
+    float32 on ``device``. Crop and flip draws come from torch's global CPU generator, like the loader pipeline.
+    ``decoder``: "torchcodec" (the default; torchvision where TorchCodec is missing) or "torchvision"."""
 
     def __init__(self, preprocess: Preprocess, scale: tuple[float, float], hflip: bool,
-                 device: str | torch.device) -> None:
+                 device: str | torch.device, decoder: str = "torchcodec") -> None:
         if preprocess.interpolation not in TENSOR_INTERPOLATIONS:
             raise ConfigError(f"data.decode=device resizes tensors: preprocess.interpolation must be one of "
                               f"{', '.join(TENSOR_INTERPOLATIONS)}, got {preprocess.interpolation!r}")
         self.p, self.scale, self.hflip = preprocess, tuple(float(s) for s in scale), bool(hflip)
         self.device = torch.device(device)
-        self.mode = ImageReadMode.RGB if preprocess.channels == "RGB" else ImageReadMode.GRAY
+        self.decoder, self._decode = jpeg_decoder(decoder)
         c = preprocess.num_channels
         self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(preprocess.std, device=self.device).view(1, c, 1, 1)
         self.ratio = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in train_transform
 
     def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
-        from torchvision.io import decode_jpeg
-
-        with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; the API still works
-            warnings.simplefilter("ignore", UserWarning)
-            try:
-                return decode_jpeg(encoded, mode=self.mode, device=self.device)
-            except RuntimeError as e:
-                raise DataError(f"cannot decode a JPEG of this batch on {self.device}: {e}") from e
+        try:
+            return self._decode(encoded, self.p.channels, self.device)
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"cannot decode a JPEG of this batch on {self.device} ({self.decoder}): {e}") from e
 
     def __call__(self, encoded: list[torch.Tensor]) -> torch.Tensor:
         s = self.p.input_size

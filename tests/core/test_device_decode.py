@@ -11,7 +11,7 @@ from sklearn.datasets import load_digits
 
 from ctxsim.config import resolve_config
 from ctxsim.data.datasets import ImageFolderDataset
-from ctxsim.data.device_decode import DeviceAugment, EncodedImages, collate_encoded
+from ctxsim.data.device_decode import DeviceAugment, EncodedImages, collate_encoded, jpeg_decoder
 from ctxsim.data.pipeline import build_datasets
 from ctxsim.data.transforms import Preprocess, train_transform
 from ctxsim.errors import ConfigError, DataError
@@ -42,15 +42,19 @@ def config(root, device="cpu", **data):
         "model": {"in_channels": 3}, "epochs": 1})
 
 
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
 @pytest.mark.parametrize("channels", ["RGB", "L"])
-def test_same_seed_gives_the_pillow_train_transform(tmp_path, channels):
+def test_same_seed_gives_the_pillow_train_transform(tmp_path, channels, decoder):
     """Crop box and flip are drawn in the same order from the same generator as train_transform's, so with equal
     seeds both pipelines produce the same augmented image, up to decoder and resampling rounding."""
+    if decoder == "torchcodec":
+        pytest.importorskip("torchcodec.decoders", reason="TorchCodec is not installed (pip install 'ctxsim[decode]')")
     ds = ImageFolderDataset(jpeg_tree(tmp_path))
     mean, std = ((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)) if channels == "RGB" else ((0.45,), (0.22,))
     p = Preprocess(24, 24, mean, std, channels)
     pil = train_transform(p, scale=(0.3, 1.0), hflip=True)
-    dev = DeviceAugment(p, (0.3, 1.0), hflip=True, device="cpu")
+    dev = DeviceAugment(p, (0.3, 1.0), hflip=True, device="cpu", decoder=decoder)
+    assert dev.decoder == decoder
     enc = EncodedImages(ds)
     out, ref = [], []
     for i in range(12):
@@ -125,10 +129,17 @@ def test_refuses_what_it_cannot_decode(tmp_path, omniglot_dir):
         config(root, decode="gpu")
 
 
-def test_a_corrupt_jpeg_names_the_batch_error(tmp_path):
+def test_decoder_choice():
+    assert jpeg_decoder("torchvision")[0] == "torchvision"
+    with pytest.raises(ConfigError, match="torchcodec or torchvision"):
+        jpeg_decoder("pillow")
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+def test_a_corrupt_jpeg_names_the_batch_error(tmp_path, decoder):
     root = jpeg_tree(tmp_path / "data", classes=1, per_class=2)
     (root / "digit0" / "0.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     enc = EncodedImages(ImageFolderDataset(root))
     batch, _ = collate_encoded([enc[0], enc[1]])
     with pytest.raises(DataError, match="cannot decode"):
-        DeviceAugment(Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3), (0.5, 1.0), True, "cpu")(batch)
+        DeviceAugment(Preprocess(8, 8, (0.5,) * 3, (0.5,) * 3), (0.5, 1.0), True, "cpu", decoder=decoder)(batch)
