@@ -158,14 +158,17 @@ def register(app: typer.Typer) -> None:
         max_batch: int = typer.Option(32, help="Largest dynamic batch."),
         batch_wait_ms: float = typer.Option(5.0, help="How long to collect a batch (ms)."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        reload_every: float = typer.Option(2.0, help="Seconds between checks for a new index generation "
+                                                     "(`index add`, a rebuild); 0: never reload."),
     ) -> None:
-        """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info)."""
+        """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info); picks up what
+        `ctxsim index add` writes without a restart."""
         from ctxsim.deploy.serve import serve
 
         console.print(f"serving {index_dir} on http://{host}:{port}" + (" (token required)" if token else ""))
         serve(index_dir, host=host, port=port, token=token, model=model,
               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch,
-              batch_wait_ms=batch_wait_ms, device=device)
+              batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every)
 
     @app.command("bench", epilog="Example: ctxsim bench runs/omni --limit 2000")
     def bench_cmd(

@@ -6,8 +6,8 @@ Endpoints (``create_app``):
   returns ``{"k", "results": [{"rank", "score", "id", "path", "label"}], "fingerprint", "index_type"}``.
 - ``POST /embed``: multipart upload; returns ``{"embedding": [...], "dim", "fingerprint"}``.
 - ``GET /healthz``: ``{"status": "ok"}`` (never needs the token, for load balancers).
-- ``GET /info``: model fingerprint, backend, index type/count/dim/params and batching counters
-  (``batching.requests``, ``batching.batches``, ``batching.max_batch_seen``).
+- ``GET /info``: model fingerprint, backend, index type/count/dim/params/generation, batching counters
+  (``batching.requests``, ``batching.batches``, ``batching.max_batch_seen``) and reload state (``reload``).
 
 Protection: with ``token`` every endpoint but ``/healthz`` needs ``Authorization: Bearer <token>`` (401 otherwise,
 checked before the body is read). Request bodies over ``max_upload_bytes`` (plus a little multipart overhead) get
@@ -18,6 +18,12 @@ Dynamic batching: each request puts its decoded image on an asyncio queue; one b
 waiting request, collects more for up to ``batch_wait_ms`` (at most ``max_batch``), and hands the whole batch to a
 single worker thread that embeds it in one call (and searches the index with the batch). Requests that arrive
 while a batch is being embedded form the next batch.
+
+Hot reload: when the app serves an index *folder*, :class:`IndexWatcher` reads its ``index.json`` every
+``reload_every_s`` seconds; when the generation changed (``ctxsim index add``, or a rebuild), it loads the new
+generation in a thread (sha256-verified), checks that its fingerprint is still the served model's, and swaps it
+in. A batch in flight finishes on the index it started with; a generation that fails to load or belongs to
+another model is refused once (logged, and shown in ``/info``) and the previous one keeps serving.
 """
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime, and the
 # endpoint types (UploadFile, ...) are imported inside create_app so that importing ctxsim.deploy stays light.
@@ -39,7 +45,7 @@ from PIL import Image
 
 from ctxsim.errors import ConfigError, MissingDependency
 
-__all__ = ["create_app", "serve", "Batcher", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS"]
+__all__ = ["create_app", "serve", "Batcher", "IndexWatcher", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS"]
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +145,7 @@ class Batcher:
                     fut.set_result(res)
 
     def _work(self, batch: list[tuple[Image.Image, int | None]]) -> list[tuple[np.ndarray, list | None]]:
+        index = self.index  # one index for the whole batch, even if a reload swaps it meanwhile
         emb = self.embedder.embed([im for im, _ in batch])  # one call for the whole batch
         with self._lock:
             self.batches += 1
@@ -146,10 +153,10 @@ class Batcher:
             self.max_batch_seen = max(self.max_batch_seen, len(batch))
         out: list[tuple[np.ndarray, list | None]] = [(emb[i], None) for i in range(len(batch))]
         rows = [i for i, (_, k) in enumerate(batch) if k is not None]
-        if rows and self.index is not None:
+        if rows and index is not None:
             kmax = max(batch[i][1] for i in rows)
-            scores, ids = self.index.search(emb[rows], kmax)
-            items = self.index.items
+            scores, ids = index.search(emb[rows], kmax)
+            items = index.items
             for r, i in enumerate(rows):
                 k = batch[i][1]
                 hits = [{"rank": j + 1, "score": float(s), "id": int(t), "path": items[t].path,
@@ -157,6 +164,63 @@ class Batcher:
                         for j, (s, t) in enumerate(zip(scores[r][:k], ids[r][:k])) if t >= 0]
                 out[i] = (emb[i], hits)
         return out
+
+
+# ---------------------------------------------------------------------------------------------- hot reload
+class IndexWatcher:
+    """Swaps ``batcher.index`` for the folder's newest generation (see the module docstring)."""
+
+    def __init__(self, folder: Any, batcher: Batcher, fingerprint: str, every_s: float) -> None:
+        self.folder, self.batcher, self.fingerprint = folder, batcher, fingerprint
+        self.every_s = float(every_s)
+        self.generation = batcher.index.info.generation
+        self.reloads = 0
+        self.refused: int | None = None  # a generation that failed: not retried until another one appears
+        self.last_error: str | None = None
+        self._task: asyncio.Task | None = None
+
+    def stats(self) -> dict:
+        return {"every_s": self.every_s, "generation": self.generation, "reloads": self.reloads,
+                "last_error": self.last_error}
+
+    async def start(self) -> None:
+        if self.every_s > 0:
+            self._task = asyncio.create_task(self._loop(), name="ctxsim-index-watcher")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.every_s)
+            await self.check()
+
+    async def check(self) -> bool:
+        """Reload if ``index.json`` names another generation; True when the served index changed."""
+        from ctxsim.deploy.index import load_index, read_index_info
+
+        try:
+            generation = read_index_info(self.folder).generation
+        except Exception as e:  # noqa: BLE001 - mid-replacement or removed: keep serving what we have
+            self.last_error = f"cannot read {self.folder}: {e}"
+            return False
+        if generation in (self.generation, self.refused):
+            return False
+        try:
+            new = await asyncio.get_running_loop().run_in_executor(None, load_index, self.folder)
+            new.check_model(self.fingerprint)
+        except Exception as e:  # noqa: BLE001 - a bad generation must not take the server down
+            self.refused, self.last_error = generation, f"generation {generation} refused: {e}"
+            logger.error("%s: %s; still serving generation %d", self.folder, self.last_error, self.generation)
+            return False
+        self.batcher.index = new
+        self.generation, self.refused, self.last_error = new.info.generation, None, None
+        self.reloads += 1
+        logger.info("%s: now serving generation %d (%d items)", self.folder, new.info.generation, new.info.count)
+        return True
 
 
 # ---------------------------------------------------------------------------------------------- guard
@@ -240,10 +304,11 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
 def create_app(index_dir: Any, model: Any = None, token: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_batch: int = 32, batch_wait_ms: float = 5.0, max_k: int = 1000, default_k: int = 10,
-               device: str = "auto") -> Any:
+               device: str = "auto", reload_every_s: float = 2.0) -> Any:
     """A FastAPI app serving ``index_dir`` (a folder or a loaded Index) with ``model`` (default: the index's).
 
-    The model's fingerprint must match the index's (FingerprintMismatch otherwise).
+    The model's fingerprint must match the index's (FingerprintMismatch otherwise). A folder is watched for new
+    generations every ``reload_every_s`` seconds (0: never); a loaded Index is served as it is.
     """
     _fastapi()
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -260,6 +325,8 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         raise ConfigError("max_upload_bytes and max_pixels must be positive")
     if token is not None and not token:
         raise ConfigError("token must be a non-empty string (or None for no authentication)")
+    if reload_every_s < 0:
+        raise ConfigError(f"reload_every_s must be >= 0 (0: never reload), got {reload_every_s}")
     index = index_dir if isinstance(index_dir, Index) else load_index(index_dir)
     if model is None:
         if not index.info.model or not os.path.exists(index.info.model):
@@ -269,18 +336,22 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         Embedder.from_artifact(model, device=device, batch_size=max(64, max_batch))
     index.check_model(embedder.fingerprint)
     batcher = Batcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms)
+    watcher = IndexWatcher(index_dir, batcher, embedder.fingerprint,
+                           0.0 if isinstance(index_dir, Index) else reload_every_s)
     started = time.time()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Any):
         await batcher.start()
+        await watcher.start()
         try:
             yield
         finally:
+            await watcher.stop()
             await batcher.stop()
 
     app = FastAPI(title="ctxsim", version=__version__, lifespan=lifespan)
-    app.state.batcher, app.state.index, app.state.embedder = batcher, index, embedder
+    app.state.batcher, app.state.watcher, app.state.embedder = batcher, watcher, embedder
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -321,11 +392,12 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
 
     @app.get("/info")
     async def info() -> dict:
-        i = index.info
+        i = batcher.index.info
         return {"fingerprint": embedder.fingerprint, "backend": embedder.backend, "dim": i.dim,
                 "index": {"type": i.index_type, "count": i.count, "dim": i.dim, "params": i.params,
-                          "metric": i.metric, "fingerprint": i.fingerprint, "updated": i.updated},
-                "batching": batcher.stats(), "limits": {"max_upload_bytes": max_upload_bytes,
+                          "metric": i.metric, "fingerprint": i.fingerprint, "updated": i.updated,
+                          "generation": i.generation},
+                "batching": batcher.stats(), "reload": watcher.stats(), "limits": {"max_upload_bytes": max_upload_bytes,
                                                         "max_pixels": max_pixels, "max_k": max_k},
                 "ctxsim_version": __version__, "uptime_s": round(time.time() - started, 1)}
 
@@ -338,7 +410,8 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
             raise _HTTPError(422, f"k must be between 1 and {max_k}, got {k}")
         img = await _image(image, file)
         _, hits = await batcher.submit(img, k)
-        return {"k": k, "results": hits, "fingerprint": embedder.fingerprint, "index_type": index.index_type}
+        return {"k": k, "results": hits, "fingerprint": embedder.fingerprint,
+                "index_type": batcher.index.index_type}
 
     @app.post("/embed")
     async def embed_ep(image: UploadFile | None = File(None), file: UploadFile | None = File(None)) -> dict:
@@ -361,7 +434,8 @@ def _is_loopback(host: str) -> bool:
 
 def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, model: Any = None,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
-          max_batch: int = 32, batch_wait_ms: float = 5.0, device: str = "auto", log_level: str = "info") -> None:
+          max_batch: int = 32, batch_wait_ms: float = 5.0, device: str = "auto", log_level: str = "info",
+          reload_every_s: float = 2.0) -> None:
     """Serve ``index_dir`` over HTTP with uvicorn (blocking). Loopback only unless ``host`` says otherwise."""
     _fastapi()
     try:
@@ -373,5 +447,5 @@ def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, token: str 
         logger.warning("serving on %s without a token: anyone who can reach this port can query the index; "
                        "pass --token (or set CTXSIM_TOKEN)", host)
     app = create_app(index_dir, model=model, token=token, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
-                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device)
+                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every_s)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

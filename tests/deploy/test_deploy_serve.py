@@ -1,7 +1,9 @@
 """The HTTP server, for real: uvicorn on a free loopback port, spoken to with httpx."""
 from __future__ import annotations
 
+import contextlib
 import io
+import shutil
 import socket
 import threading
 import time
@@ -19,12 +21,9 @@ MAX_UPLOAD = 200_000
 MAX_PIXELS = 1_000_000
 
 
-@pytest.fixture(scope="module")
-def server(flat_index):
-    from ctxsim.deploy import create_app
-
-    app = create_app(flat_index, token=TOKEN, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
-                     max_batch=32, batch_wait_ms=5)
+@contextlib.contextmanager
+def running(app):
+    """uvicorn serving ``app`` on a free loopback port, in a thread; yields its URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
@@ -36,10 +35,22 @@ def server(flat_index):
     while not srv.started:
         assert thread.is_alive() and time.time() < deadline, "server did not start"
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}", app
-    srv.should_exit = True
-    thread.join(timeout=10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        srv.should_exit = True
+        thread.join(timeout=10)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def server(flat_index):
+    from ctxsim.deploy import create_app
+
+    app = create_app(flat_index, token=TOKEN, max_upload_bytes=MAX_UPLOAD, max_pixels=MAX_PIXELS,
+                     max_batch=32, batch_wait_ms=5)
+    with running(app) as url:
+        yield url, app
 
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -163,3 +174,52 @@ def test_concurrent_clients_are_batched(server, gallery_dir):
     assert requests == len(paths)
     print(f"batching: {requests} requests in {batches} batches, largest {after['max_batch_seen']}")
     assert batches < requests and after["max_batch_seen"] > 1
+
+
+def _wait_for(url, pred, timeout=30.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = httpx.get(f"{url}/info", timeout=10).json()
+        if pred(info):
+            return info
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last /info: {info}")
+
+
+def test_hot_reload_after_index_add_and_refusal_of_another_model(tmp_path, flat_index, extra_dir, other_run_dir):
+    """`index add` while serving: the new images are found without a restart; an index rebuilt with another
+    model is refused and the previous generation keeps serving."""
+    from ctxsim.deploy import add_to_index, build_index, create_app
+
+    folder = shutil.copytree(flat_index, tmp_path / "index")
+    new_image = sorted(sorted(extra_dir.iterdir())[0].iterdir())[0]
+    upload = {"image": (new_image.name, _png(new_image), "image/png")}
+    with running(create_app(folder, reload_every_s=0.1)) as url:
+        first = _wait_for(url, lambda i: True)
+        assert first["reload"]["every_s"] == 0.1 and first["reload"]["reloads"] == 0
+        before = httpx.post(f"{url}/search", files=upload, data={"k": "1"}, timeout=30).json()["results"][0]
+        assert before["path"] != str(new_image)  # not in the index yet
+
+        add_to_index(folder, [new_image])
+        info = _wait_for(url, lambda i: i["index"]["count"] == 241)
+        assert info["index"]["generation"] == first["index"]["generation"] + 1 and info["reload"]["reloads"] == 1
+        after = httpx.post(f"{url}/search", files=upload, data={"k": "1"}, timeout=30).json()["results"][0]
+        assert after["path"] == str(new_image) and after["id"] == 240
+        assert after["score"] == pytest.approx(1.0, abs=1e-5)
+
+        build_index([new_image], other_run_dir, folder, "flat")  # same folder, another model
+        info = _wait_for(url, lambda i: i["reload"]["last_error"] is not None)
+        assert "refused" in info["reload"]["last_error"] and "model" in info["reload"]["last_error"]
+        assert info["index"]["count"] == 241 and info["reload"]["reloads"] == 1
+        still = httpx.post(f"{url}/search", files=upload, data={"k": "1"}, timeout=30).json()["results"][0]
+        assert still["path"] == str(new_image) and still["id"] == 240
+
+
+def test_a_loaded_index_is_not_watched(flat_index):
+    from ctxsim.deploy import create_app, load_index
+    from ctxsim.errors import ConfigError
+
+    app = create_app(load_index(flat_index))
+    assert app.state.watcher.every_s == 0.0
+    with pytest.raises(ConfigError, match="reload_every_s"):
+        create_app(flat_index, reload_every_s=-1)
