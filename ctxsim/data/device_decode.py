@@ -2,10 +2,10 @@
 
 With the default ``data.decode: loader`` the DataLoader decodes every image with Pillow and applies the train
 transform on the CPU, which can starve a fast GPU. With ``device`` the loader only reads each file's bytes;
-:class:`DeviceAugment` decodes the whole batch at once with TorchCodec's ``decode_jpeg(..., device=...)`` where
-TorchCodec is installed (``pip install 'ctxsim[decode]'``), else with torchvision's, which torchvision 0.29
-deprecated in TorchCodec's favour (both: nvJPEG on CUDA, libjpeg-turbo on the CPU), and applies the same train
-transform there: RandomResizedCrop with the
+:class:`DeviceAugment` decodes the whole batch at once with torchvision's ``decode_jpeg(..., device=...)``, or
+with TorchCodec's (``pip install 'ctxsim[decode]'``), which replaces it once torchvision drops it (deprecated
+since 0.29); both use nvJPEG on CUDA and libjpeg-turbo on the CPU, and see :func:`jpeg_decoder` for EXIF
+orientation. It applies the same train transform there: RandomResizedCrop with the
 recipe's scale range, optional horizontal flip, scaling to [0, 1] and the preprocessing contract's mean/std.
 Evaluation keeps the Pillow pipeline (``eval_transform``), which is the exported model's contract.
 
@@ -15,47 +15,91 @@ machines (no GPU was lent); the CPU path is tested against the Pillow pipeline.
 """
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from ctxsim.data.datasets import ImageDataset
 from ctxsim.data.transforms import Preprocess
-from ctxsim.errors import ConfigError, DataError
+from ctxsim.errors import ConfigError, DataError, MissingDependency
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
-def jpeg_decoder(prefer: str = "torchcodec") -> tuple[str, Callable[..., list[torch.Tensor]]]:
-    """(name, decode) where ``decode(list_of_byte_tensors, channels, device)`` returns CHW uint8 tensors.
-    TorchCodec when it imports (``prefer="torchvision"`` skips it), else torchvision."""
+def jpeg_decoder(prefer: str = "torchvision") -> tuple[str, Callable[..., list[torch.Tensor]]]:
+    """(name, decode) where ``decode(list_of_byte_tensors, channels, device)`` returns CHW uint8 tensors laid out
+    as Pillow decodes them, i.e. ignoring EXIF orientation, as the evaluation and export pipelines do.
+
+    torchvision's ``decode_jpeg`` first (deprecated since torchvision 0.29, still working), TorchCodec's where
+    torchvision's is gone or ``prefer="torchcodec"``; TorchCodec applies EXIF orientation, which is undone here.
+    """
     if prefer not in ("torchcodec", "torchvision"):
         raise ConfigError(f"JPEG decoder must be torchcodec or torchvision, got {prefer!r}")
-    if prefer == "torchcodec":
+    vision = codec = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            from torchcodec.decoders import decode_jpeg as codec_decode
-        except (ImportError, OSError, RuntimeError):  # missing, or built for another torch: use torchvision
+            from torchvision.io import ImageReadMode, decode_jpeg as vision
+        except ImportError:
             pass
-        else:
-            def decode_codec(encoded, channels, device):
-                return codec_decode(list(encoded), mode="RGB" if channels == "RGB" else "GRAY", device=device)
-            return "torchcodec", decode_codec
-
-    from torchvision.io import ImageReadMode, decode_jpeg
+    try:
+        from torchcodec.decoders import decode_jpeg as codec
+    except (ImportError, OSError, RuntimeError):  # missing, or built for another torch
+        pass
+    if codec is not None and (prefer == "torchcodec" or vision is None):
+        def decode_codec(encoded, channels, device):
+            images = codec(list(encoded), mode="RGB" if channels == "RGB" else "GRAY", device=device)
+            return [_undo_orientation(img, _exif_orientation(b)) for img, b in zip(images, encoded)]
+        return "torchcodec", decode_codec
+    if vision is None:
+        raise MissingDependency("decoding JPEGs on the device needs torchvision's decode_jpeg or TorchCodec: "
+                                "pip install 'ctxsim[decode]'")
 
     def decode_vision(encoded, channels, device):
         mode = ImageReadMode.RGB if channels == "RGB" else ImageReadMode.GRAY
         with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; its API still works
             warnings.simplefilter("ignore", DeprecationWarning)
             warnings.simplefilter("ignore", UserWarning)
-            return decode_jpeg(list(encoded), mode=mode, device=device)
+            return vision(list(encoded), mode=mode, device=device)
     return "torchvision", decode_vision
+
+
+def _exif_orientation(encoded: torch.Tensor) -> int:
+    """The EXIF orientation tag (1-8) of a JPEG, read from its header; 1 when absent or unreadable."""
+    try:
+        with Image.open(io.BytesIO(encoded.numpy().tobytes())) as im:
+            value = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - no usable header: the decoder's error (if any) says more
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def _undo_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """Invert the EXIF transpose a decoder applied, giving the stored pixel layout (what Pillow returns)."""
+    h, w = -2, -1
+    if orientation == 2:
+        return img.flip(w)
+    if orientation == 3:
+        return img.flip(h).flip(w)
+    if orientation == 4:
+        return img.flip(h)
+    if orientation == 5:
+        return img.transpose(h, w)
+    if orientation == 6:  # displayed turned 90 degrees clockwise: turn it back
+        return torch.rot90(img, 1, dims=(h, w))
+    if orientation == 7:
+        return img.transpose(h, w).flip(h).flip(w)
+    if orientation == 8:
+        return torch.rot90(img, -1, dims=(h, w))
+    return img
 
 
 def _read_file(path: str) -> torch.Tensor:
@@ -97,10 +141,10 @@ def collate_encoded(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[list[tor
 class DeviceAugment:
     """Decode a list of JPEG byte tensors on ``device`` and apply the train transform there; returns (B, C, S, S)
     float32 on ``device``. Crop and flip draws come from torch's global CPU generator, like the loader pipeline.
-    ``decoder``: "torchcodec" (the default; torchvision where TorchCodec is missing) or "torchvision"."""
+    ``decoder``: "torchvision" (the default; TorchCodec where torchvision's decoder is gone) or "torchcodec"."""
 
     def __init__(self, preprocess: Preprocess, scale: tuple[float, float], hflip: bool,
-                 device: str | torch.device, decoder: str = "torchcodec") -> None:
+                 device: str | torch.device, decoder: str = "torchvision") -> None:
         if preprocess.interpolation not in TENSOR_INTERPOLATIONS:
             raise ConfigError(f"data.decode=device resizes tensors: preprocess.interpolation must be one of "
                               f"{', '.join(TENSOR_INTERPOLATIONS)}, got {preprocess.interpolation!r}")

@@ -130,9 +130,33 @@ def test_refuses_what_it_cannot_decode(tmp_path, omniglot_dir):
 
 
 def test_decoder_choice():
-    assert jpeg_decoder("torchvision")[0] == "torchvision"
+    assert jpeg_decoder()[0] == "torchvision"  # while torchvision still has it: no EXIF work needed
     with pytest.raises(ConfigError, match="torchcodec or torchvision"):
         jpeg_decoder("pillow")
+
+
+@pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decoders_ignore_exif_orientation_like_pillow(decoder, orientation):
+    """Pillow (the evaluation and export pipelines) keeps the stored pixel layout whatever the EXIF orientation
+    tag says; TorchCodec applies the tag, so its result is turned back."""
+    import io
+
+    if decoder == "torchcodec":
+        pytest.importorskip("torchcodec.decoders", reason="TorchCodec is not installed (pip install 'ctxsim[decode]')")
+    digit = load_digits().images[3]
+    rgb = np.stack([digit * 15, np.tile(np.linspace(0, 255, 8), (8, 1)), digit[::-1] * 10], -1)
+    im = Image.fromarray(rgb.astype(np.uint8)).resize((40, 24), Image.NEAREST)  # not square: rotations show
+    exif = im.getexif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    im.save(buf, "JPEG", exif=exif, quality=95)
+    with Image.open(io.BytesIO(buf.getvalue())) as stored:
+        pil = torch.from_numpy(np.asarray(stored.convert("RGB")).copy()).permute(2, 0, 1)
+    name, decode = jpeg_decoder(decoder)
+    out = decode([torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)], "RGB", "cpu")[0]
+    assert name == decoder and out.shape == pil.shape == (3, 24, 40)
+    assert (out.int() - pil.int()).abs().max() <= 1
 
 
 @pytest.mark.parametrize("decoder", ["torchcodec", "torchvision"])
