@@ -9,8 +9,9 @@
 #   0. install: wheels from ./wheels or ./.whl when present (pip --no-index), then ctxsim itself
 #      (pip install --no-deps --no-build-isolation -e .); pytorch-metric-learning, when missing, is replaced by
 #      an empty stub (only the pml baseline losses need it; nothing here builds them)
-#   1. pytest -m gpu tests/core/test_gpu.py  (bf16 step: fp32 loss, CPU match; channels_last; compiled step;
-#      nvJPEG decode (data.decode=device) vs the CPU path)
+#   1. pytest -m gpu tests/core/test_gpu.py tests/core/test_knn.py  (bf16 step: fp32 loss, CPU match;
+#      channels_last; compiled step; nvJPEG decode (data.decode=device) vs the CPU path; the Embedder on CUDA:
+#      fp32, bf16, compiled, nvJPEG, and a "torch" index on the GPU; chunked kNN on CUDA tensors)
 #   2. benchmarks/train_speed.py   Trainer.train_step vs bare loop, ResNet-50 224 px batch 128; fp16 vs bf16
 #   3. benchmarks/loss_cost.py     hybrid loss fwd+bwd at 128/256/512 as a share of a ResNet-50 step
 #   4. benchmarks/gpu_search.py    exact top-k over 1,000,000 x 512 (ctxsim.knn) vs the bandwidth bound
@@ -79,7 +80,7 @@ step() {  # step NAME CAP_SECONDS command...
   echo "== $name done: rc=$rc in $(( $(date +%s) - t0 ))s"
 }
 
-step tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py -rs
+step tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py tests/core/test_knn.py -rs
 step train_speed 120 $PY benchmarks/train_speed.py $DEV $DRY --out "$RESULTS"
 step loss_cost 60 $PY benchmarks/loss_cost.py $DEV $DRY --out "$RESULTS"
 step search 60 $PY benchmarks/gpu_search.py $DEV $DRY --out "$RESULTS"

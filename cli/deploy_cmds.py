@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
         param: List[str] = typer.Option([], help="Index parameter, e.g. --param nlist=256 (repeatable)."),
         gpu: bool = typer.Option(False, "--gpu", help="Build/search flat/IVF indexes on the GPU (FAISS with GPUs)."),
         batch_size: int = typer.Option(64, help="Images per embedding batch."),
+        device_decode: bool = typer.Option(False, "--device-decode",
+                                           help="Decode JPEGs on the model's device (nvJPEG on a GPU; run folders)."),
         force: bool = typer.Option(False, "--force", help="Replace an index already in OUT."),
     ) -> None:
         """Embed a gallery and write an index folder (unreadable images are reported and skipped)."""
@@ -61,7 +63,7 @@ def register(app: typer.Typer) -> None:
             params[k.strip()] = int(v)
         with progress_callback("embedding gallery") as progress:
             info = build_index(gallery, model, out, type_, gpu=gpu, progress=progress, params=params,
-                               batch_size=batch_size, overwrite=force)
+                               batch_size=batch_size, overwrite=force, device_decode=device_decode)
         _print_skipped(info.skipped)
         console.print(_info_table(info))
 
@@ -71,12 +73,15 @@ def register(app: typer.Typer) -> None:
         images: Path = typer.Argument(..., help="Class-per-folder tree or list file of images to append."),
         model: Optional[Path] = typer.Option(None, help="Query model (default: the one in index.json)."),
         batch_size: int = typer.Option(64, help="Images per embedding batch."),
+        device_decode: bool = typer.Option(False, "--device-decode",
+                                           help="Decode JPEGs on the model's device (nvJPEG on a GPU; run folders)."),
     ) -> None:
         """Append images to an index; ids continue after the last one. The save is atomic."""
         from ctxsim.deploy.index import add_to_index
 
         with progress_callback("embedding") as progress:
-            info = add_to_index(index_dir, images, model, progress=progress, batch_size=batch_size)
+            info = add_to_index(index_dir, images, model, progress=progress, batch_size=batch_size,
+                                device_decode=device_decode)
         _print_skipped(info.skipped)
         console.print(f"added {info.added} image(s); the index now holds {info.count}")
 

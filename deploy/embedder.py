@@ -14,13 +14,16 @@
 ``.fingerprint`` is the model's fingerprint (the index refuses queries from another model), ``.dim`` the
 embedding size, ``.backend`` a short name ("torch:cpu", "onnxruntime:CPUExecutionProvider", "tensorrt", ...).
 
-Optional GPU JPEG decoding (``gpu_decode=True``, torch backend, CUDA only): JPEG files are decoded with
-``torchvision.io.decode_jpeg(device="cuda")`` and resized on the GPU. Its antialiased tensor resize is close to,
-but not bit-identical with, the PIL path; leave it off where exact parity with evaluation matters.
+Optional JPEG decoding on the device (``device_decode=True``, torch backend): ``embed_files`` reads JPEG files
+as bytes and decodes each batch in one call on the model's device (nvJPEG on CUDA; libjpeg-turbo on the CPU),
+then resizes and crops there (``ctxsim.data.device_decode.DeviceEvalTransform``); other formats, and JPEGs
+Pillow sees as neither greyscale nor RGB (CMYK), take the Pillow path. The antialiased tensor resize is close to,
+but not bit-identical with, Pillow's; leave it off where exact parity with evaluation matters.
 """
 from __future__ import annotations
 
 import inspect
+import io
 import logging
 import os
 import time
@@ -32,7 +35,7 @@ import torch
 from PIL import Image
 
 from ctxsim.data.transforms import Preprocess, eval_transform
-from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
+from ctxsim.errors import ArtifactError, ConfigError, DataError, MissingDependency
 
 from ctxsim.deploy.gallery import load_image
 
@@ -175,11 +178,30 @@ class _RunnerBackend:
 
 
 # ---------------------------------------------------------------------------------------------- embedder
+def _jpeg_bytes(path: str | os.PathLike) -> torch.Tensor | None:
+    """A JPEG file's bytes (checked by Pillow's header parser: decompression-bomb limit, colour mode), or None when
+    the file should take the Pillow path (another format, CMYK). DataError when it cannot be read."""
+    if not str(path).lower().endswith(JPEG_SUFFIXES):
+        return None
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(io.BytesIO(data)) as im:  # header only: no pixels decoded
+            if im.format != "JPEG" or im.mode not in ("L", "RGB"):
+                return None
+    except FileNotFoundError:
+        raise DataError(f"image not found: {path}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image too large (decompression-bomb limit): {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - unreadable file or header
+        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
 class Embedder:
     """Embeds images with one model artifact; see the module docstring."""
 
     def __init__(self, backend: Any, kind: str, artifact: Path, batch_size: int = 64,
-                 gpu_decode: bool = False) -> None:
+                 device_decode: bool = False) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self._b = backend
@@ -191,13 +213,23 @@ class Embedder:
         self.contract: dict = backend.contract
         self.preprocess_spec: Preprocess = backend.preprocess_spec
         self._dim: int | None = backend.dim
-        self.gpu_decode = bool(gpu_decode and kind == "torch" and backend.device.type == "cuda")
-        if gpu_decode and not self.gpu_decode:
-            logger.info("gpu_decode needs the torch backend on CUDA; decoding on the CPU")
+        self._device_transform = None
+        if device_decode:
+            if kind != "torch":
+                raise ConfigError(f"device_decode needs the torch backend (a run folder), not {kind}: ONNX Runtime "
+                                  "and TensorRT take host arrays")
+            from ctxsim.data.device_decode import DeviceEvalTransform
+
+            self._device_transform = DeviceEvalTransform(backend.preprocess_spec, backend.device)
+
+    @property
+    def device_decode(self) -> bool:
+        """Whether ``embed_files`` decodes JPEGs on the model's device."""
+        return self._device_transform is not None
 
     @classmethod
     def from_artifact(cls, path: str | os.PathLike, device: str = "auto", compile: bool = False,
-                      batch_size: int = 64, precision: str = "fp32", gpu_decode: bool = False) -> "Embedder":
+                      batch_size: int = 64, precision: str = "fp32", device_decode: bool = False) -> "Embedder":
         """Open a run folder (PyTorch), a .onnx file / export folder (ONNX Runtime) or a .engine (TensorRT)."""
         kind, p = artifact_kind(path)
         dev = resolve_device(device)
@@ -207,7 +239,7 @@ class Embedder:
             if compile:
                 logger.info("compile applies to the torch backend only; ignored for %s", kind)
             backend = _RunnerBackend(p, kind, dev)
-        return cls(backend, kind, p, batch_size, gpu_decode)
+        return cls(backend, kind, p, batch_size, device_decode)
 
     @property
     def dim(self) -> int:
@@ -234,11 +266,7 @@ class Embedder:
         out: list[np.ndarray] = []
         for start in range(0, total, self.batch_size):
             chunk = items[start:start + self.batch_size]
-            if self.gpu_decode:
-                batch = self._gpu_batch(chunk)
-            else:
-                batch = self._b.preprocess([load_image(x) for x in chunk])
-            out.append(self._b.run(batch))
+            out.append(self._b.run(self._b.preprocess([load_image(x) for x in chunk])))
             if progress is not None:
                 progress(start + len(chunk), total)
         if not out:
@@ -249,25 +277,43 @@ class Embedder:
             self._dim = int(emb.shape[1])
         return emb
 
-    # -- optional GPU JPEG decode (torch backend on CUDA only)
-    def _gpu_batch(self, chunk: list[Any]) -> torch.Tensor:
-        from torchvision.io import ImageReadMode, decode_jpeg
-        from torchvision.transforms import functional as F
+    def embed_files(self, paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
+        """Embed image files, skipping unreadable ones: (float32 [M, D], the M positions embedded,
+        [(path, reason)] skipped). JPEGs are decoded on the device when ``device_decode`` is on."""
+        from ctxsim.deploy.gallery import load_images
 
-        p: Preprocess = self.preprocess_spec
+        if self._device_transform is None:
+            images, ok, bad = load_images(paths)
+            return self.embed(images), ok, bad
+        rows: dict[int, torch.Tensor] = {}
+        bad: list[tuple[str, str]] = []
+        jpegs: list[tuple[int, torch.Tensor]] = []
+        for i, path in enumerate(paths):
+            try:
+                data = _jpeg_bytes(path)
+                if data is None:  # not a JPEG we decode on the device: Pillow
+                    rows[i] = self._b.transform(load_image(path))
+                else:
+                    jpegs.append((i, data))
+            except DataError as e:
+                bad.append((str(path), str(e)))
+        for start in range(0, len(jpegs), self.batch_size):
+            part = jpegs[start:start + self.batch_size]
+            try:
+                rows.update(zip((i for i, _ in part), self._device_transform([d for _, d in part])))
+            except DataError:  # find the culprit(s): one at a time
+                for i, d in part:
+                    try:
+                        rows[i] = self._device_transform([d])[0]
+                    except DataError as e:
+                        bad.append((str(paths[i]), f"cannot decode {paths[i]}: {e.__cause__ or e}"))
+        ok = sorted(rows)
+        if not ok:
+            return np.zeros((0, self._dim or 0), dtype=np.float32), ok, bad
         dev = self._b.device
-        out = []
-        for x in chunk:
-            if isinstance(x, (str, os.PathLike)) and str(x).lower().endswith(JPEG_SUFFIXES):
-                data = torch.frombuffer(bytearray(Path(x).read_bytes()), dtype=torch.uint8)
-                mode = ImageReadMode.GRAY if p.channels == "L" else ImageReadMode.RGB
-                img = decode_jpeg(data, mode=mode, device=dev)
-                img = F.resize(img, p.resize_size, interpolation=p.interpolation_mode, antialias=True)
-                img = F.center_crop(img, p.input_size).float().div_(255)
-                out.append(F.normalize(img, p.mean, p.std))
-            else:
-                out.append(self._b.transform(load_image(x)).to(dev))
-        return torch.stack(out)
+        out = [self._b.run(torch.stack([rows[i].to(dev) for i in ok[s:s + self.batch_size]]))
+               for s in range(0, len(ok), self.batch_size)]
+        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32), ok, bad
 
     def time_batch(self, batch: Any, repeats: int = 10) -> list[float]:
         """Seconds per call of ``run(batch)`` over ``repeats`` calls (after one warm-up call)."""

@@ -386,12 +386,16 @@ def embed_gallery(embedder: Any, gallery: Any, progress: Callable[[int, int], No
     embs, kept, bad = [], [], []
     for start in range(0, total, bs):
         chunk = g.items[start:start + bs]
-        images, ok, skipped = load_images([it.path for it in chunk])
+        if hasattr(embedder, "embed_files"):  # it decodes (maybe on its device) and skips what it cannot read
+            emb, ok, skipped = embedder.embed_files([it.path for it in chunk])
+        else:
+            images, ok, skipped = load_images([it.path for it in chunk])
+            emb = embedder.embed(images) if images else None
         for path, reason in skipped:
             logger.warning("skipping unreadable image %s: %s", path, reason)
         bad.extend(skipped)
-        if images:
-            embs.append(embedder.embed(images))
+        if ok:
+            embs.append(emb)
             kept.extend(chunk[i] for i in ok)
         if progress is not None:
             progress(min(start + bs, total), total)
@@ -402,14 +406,17 @@ def embed_gallery(embedder: Any, gallery: Any, progress: Callable[[int, int], No
     return np.concatenate(embs).astype(np.float32, copy=False), kept, bad
 
 
-def _open_embedder(model: Any, batch_size: int = 64) -> Any:
+def _open_embedder(model: Any, batch_size: int = 64, device_decode: bool = False) -> Any:
     from ctxsim.deploy.embedder import Embedder
 
     if isinstance(model, Embedder) or (hasattr(model, "embed") and hasattr(model, "fingerprint")):
+        if device_decode and not getattr(model, "device_decode", False):
+            raise ConfigError("device_decode is set when the Embedder is opened: "
+                              "Embedder.from_artifact(..., device_decode=True)")
         return model
     if model is None:
         raise ConfigError("no model given; pass a run folder, a .onnx file or a .engine file")
-    return Embedder.from_artifact(model, batch_size=batch_size)
+    return Embedder.from_artifact(model, batch_size=batch_size, device_decode=device_decode)
 
 
 def _model_ref(model: Any) -> str | None:
@@ -557,10 +564,11 @@ def _commit(folder: Path, info: IndexInfo, backend: Any, items: Sequence[Item], 
 # ---------------------------------------------------------------------------------------------- build / add
 def build_index(gallery: Any, model_artifact: Any, out_dir: str | os.PathLike, index_type: str = "flat",
                 gpu: bool = False, progress: Callable[[int, int], None] | None = None, params: dict | None = None,
-                batch_size: int = 64, overwrite: bool = True) -> IndexInfo:
+                batch_size: int = 64, overwrite: bool = True, device_decode: bool = False) -> IndexInfo:
     """Embed ``gallery`` (folder tree, list file or paths) with ``model_artifact`` and write an index folder.
 
     ``model_artifact``: a run folder, .onnx, .engine, or an :class:`~ctxsim.deploy.embedder.Embedder`.
+    ``device_decode``: decode JPEGs on the model's device (a run folder only; see ``Embedder.embed_files``).
     An existing index in ``out_dir`` is replaced atomically (``overwrite=False`` refuses instead).
     Returns the IndexInfo, with ``skipped`` = [(path, reason)] of the unreadable images.
     """
@@ -572,7 +580,7 @@ def build_index(gallery: Any, model_artifact: Any, out_dir: str | os.PathLike, i
     if (folder / META).exists() and not overwrite:
         raise ConfigError(f"{folder} already holds an index; use `index add` to extend it or allow overwriting")
     gpu = _want_gpu(gpu, index_type)
-    embedder = _open_embedder(model_artifact, batch_size)
+    embedder = _open_embedder(model_artifact, batch_size, device_decode)
     emb, kept, bad = embed_gallery(embedder, gallery, progress)
     n, d = emb.shape
     p = _check_params(index_type, params or {}, n, d)
@@ -594,7 +602,8 @@ def build_index(gallery: Any, model_artifact: Any, out_dir: str | os.PathLike, i
 
 
 def add_to_index(index_dir: str | os.PathLike, images: Any, model_artifact: Any = None,
-                 progress: Callable[[int, int], None] | None = None, batch_size: int = 64) -> IndexInfo:
+                 progress: Callable[[int, int], None] | None = None, batch_size: int = 64,
+                 device_decode: bool = False) -> IndexInfo:
     """Embed ``images`` (folder tree, list file or paths) and append them; ids continue after the last one.
 
     The model defaults to the one recorded in index.json; another model is refused (FingerprintMismatch).
@@ -608,7 +617,7 @@ def add_to_index(index_dir: str | os.PathLike, images: Any, model_artifact: Any 
             if not info.model or not Path(info.model).exists():
                 raise ConfigError(f"the model that built {folder} ({info.model}) is not available; pass --model")
             model_artifact = info.model
-        embedder = _open_embedder(model_artifact, batch_size)
+        embedder = _open_embedder(model_artifact, batch_size, device_decode)
         check_fingerprint(info.fingerprint, embedder.fingerprint)
         emb_new, kept, bad = embed_gallery(embedder, images, progress)
         if emb_new.shape[1] != info.dim:

@@ -7,7 +7,9 @@ with TorchCodec's (``pip install 'ctxsim[decode]'``), which replaces it once tor
 since 0.29); both use nvJPEG on CUDA and libjpeg-turbo on the CPU, and see :func:`jpeg_decoder` for EXIF
 orientation. It applies the same train transform there: RandomResizedCrop with the
 recipe's scale range, optional horizontal flip, scaling to [0, 1] and the preprocessing contract's mean/std.
-Evaluation keeps the Pillow pipeline (``eval_transform``), which is the exported model's contract.
+Evaluation keeps the Pillow pipeline (``eval_transform``), which is the exported model's contract;
+:class:`DeviceEvalTransform` is its tensor twin for embedding large galleries on a GPU (``ctxsim index build
+--device-decode``), close to but not bit-identical with Pillow's resampling.
 
 Requirements, checked when the data is built: every training image is a JPEG file on disk, and corrupt images
 raise (``on_error: skip`` needs per-image decoding in the loader). The CUDA path has not run on this project's
@@ -172,4 +174,31 @@ class DeviceAugment:
             if self.hflip and torch.rand(1).item() < 0.5:
                 crop = crop.flip(-1)
             out[i] = crop
+        return (out / 255.0 - self.mean) / self.std
+
+
+class DeviceEvalTransform:
+    """``eval_transform`` on the device: decode a list of JPEG byte tensors, resize the shorter side to
+    ``resize_size``, centre-crop ``input_size``, scale to [0, 1] and normalise; returns (B, C, S, S) float32."""
+
+    def __init__(self, preprocess: Preprocess, device: str | torch.device, decoder: str = "torchvision") -> None:
+        if preprocess.interpolation not in TENSOR_INTERPOLATIONS:
+            raise ConfigError(f"decoding on the device resizes tensors: preprocess.interpolation must be one of "
+                              f"{', '.join(TENSOR_INTERPOLATIONS)}, got {preprocess.interpolation!r}")
+        self.p, self.device = preprocess, torch.device(device)
+        self.decoder, self._decode = jpeg_decoder(decoder)
+        c = preprocess.num_channels
+        self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, c, 1, 1)
+        self.std = torch.tensor(preprocess.std, device=self.device).view(1, c, 1, 1)
+
+    def __call__(self, encoded: list[torch.Tensor]) -> torch.Tensor:
+        try:
+            images = self._decode(encoded, self.p.channels, self.device)
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"cannot decode a JPEG of this batch on {self.device} ({self.decoder}): {e}") from e
+        s = self.p.input_size
+        out = torch.empty(len(images), self.p.num_channels, s, s, device=self.device)
+        for i, img in enumerate(images):
+            img = F.resize(img, self.p.resize_size, interpolation=self.p.interpolation_mode, antialias=True)
+            out[i] = F.center_crop(img, [s, s])
         return (out / 255.0 - self.mean) / self.std

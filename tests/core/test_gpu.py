@@ -1,6 +1,7 @@
-"""CUDA training paths: a bf16 step keeps the loss in float32 and matches CPU fp32 loosely, channels_last, a
-step with the backbone compiled, and nvJPEG decoding (data.decode=device). Skipped where no CUDA GPU is visible
-(run by benchmarks/gpu_check.sh)."""
+"""CUDA paths: a bf16 step keeps the loss in float32 and matches CPU fp32 loosely, channels_last, a step with the
+backbone compiled, nvJPEG decoding (data.decode=device), and serving: the Embedder on CUDA (fp32, bf16, compiled,
+nvJPEG) and a "torch" index searched on the GPU. Skipped where no CUDA GPU is visible (run by
+benchmarks/gpu_check.sh)."""
 from __future__ import annotations
 
 import pytest
@@ -108,3 +109,36 @@ def test_nvjpeg_device_decode_matches_the_cpu_path(tmp_path):
     trainer = Trainer(jpeg_config(root, device="cuda"), tmp_path / "run")
     assert trainer.data.augment.device.type == "cuda"
     assert torch.isfinite(torch.tensor(trainer.train_epoch()["loss"]))
+
+
+def test_embedder_on_cuda_matches_cpu(tmp_path):
+    """Serving on a GPU: the torch backend on CUDA (fp32, bf16, compiled with CUDA graphs, nvJPEG decoding)
+    embeds like the CPU, and an exact "torch" index searches on the GPU like on the CPU."""
+    import numpy as np
+    from test_device_decode import jpeg_tree
+
+    from ctxsim.data.transforms import Preprocess
+    from ctxsim.deploy import Embedder, build_index, load_index
+    from ctxsim.nets import EmbeddingNet, ModelSpec, save_model
+
+    torch.manual_seed(0)
+    spec = ModelSpec(backbone="convnet", in_channels=3, embedding_dim=64, pooling="max", frozen_bn=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    save_model(run, EmbeddingNet(spec), Preprocess(32, 36, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)))
+    paths = sorted(jpeg_tree(tmp_path / "data").rglob("*.jpg"))
+    ref, ok, _ = Embedder.from_artifact(run, device="cpu", batch_size=16).embed_files(paths)
+    assert len(ok) == len(paths)
+    for kw, floor in [({}, 0.9999), ({"precision": "bf16"}, 0.99), ({"compile": True}, 0.9999),
+                      ({"device_decode": True}, 0.995)]:
+        emb, ok, bad = Embedder.from_artifact(run, device="cuda", batch_size=16, **kw).embed_files(paths)
+        assert not bad and len(ok) == len(paths)
+        cos = (emb * ref).sum(1)
+        assert cos.min() > floor, (kw, cos.min())
+
+    info = build_index(paths, run, tmp_path / "idx", index_type="torch")
+    cpu, gpu = load_index(info.path, device="cpu"), load_index(info.path, device="cuda")
+    s_cpu, i_cpu = cpu.search(ref[:7], 5)
+    s_gpu, i_gpu = gpu.search(ref[:7], 5)
+    np.testing.assert_allclose(s_gpu, s_cpu, atol=1e-5)
+    assert (i_gpu[:, 0] == np.arange(7)).all() and (i_cpu[:, 0] == np.arange(7)).all()

@@ -37,3 +37,26 @@ def test_index_build_info_search(tmp_path, cli, gallery_dir, run_dir, other_run_
     from ctxsim.errors import FingerprintMismatch
 
     assert isinstance(r.exception, FingerprintMismatch)
+
+
+def test_index_build_and_add_with_device_decode(tmp_path, cli, gallery_dir, run_dir):
+    from PIL import Image
+
+    pngs = sorted(gallery_dir.rglob("*.png"))[:12]
+    lines = []
+    for i, png in enumerate(pngs):
+        with Image.open(png) as im:
+            im.convert("L").save(tmp_path / f"{i}.jpg", quality=90)
+        lines.append(f"{tmp_path / f'{i}.jpg'} {png.parent.name}")
+    (tmp_path / "first.txt").write_text("\n".join(lines[:8]) + "\n")
+    (tmp_path / "more.txt").write_text("\n".join(lines[8:]) + "\n")
+    out = tmp_path / "idx"
+    r = cli("index", "build", tmp_path / "first.txt", "--model", run_dir, "--out", out, "--device-decode")
+    assert r.exit_code == 0, r.output
+    r = cli("index", "add", out, tmp_path / "more.txt", "--device-decode")
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "index.json").read_text())["count"] == 12
+    r = cli("search", out, tmp_path / "9.jpg", "-k", "1", "--json")
+    assert r.exit_code == 0, r.output
+    top = json.loads(r.output)["results"][0]["neighbors"][0]
+    assert top["path"].endswith("9.jpg") and top["score"] > 0.999

@@ -1,6 +1,8 @@
 """The Embedder: backends, recorded preprocessing, batching."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -92,3 +94,58 @@ def test_torch_compile_matches_eager(run_dir, gallery_dir):
     assert compiled.backend.endswith(":compiled")
     out = compiled.embed(paths)  # 40 = 32 + 8: the last batch is padded to the compiled shape
     assert float((out * eager).sum(axis=1).min()) > 0.9999
+
+
+@pytest.fixture(scope="module")
+def jpeg_gallery(tmp_path_factory, gallery_dir):
+    """30 real Omniglot drawings saved as JPEG, plus the awkward cases: a PNG, a CMYK JPEG, a JPEG cut short
+    (its header reads, its pixels do not: the device batch fails) and a file that is no JPEG at all."""
+    root = tmp_path_factory.mktemp("jpegs")
+    paths = []
+    for i, png in enumerate(sorted(gallery_dir.rglob("*.png"))[:30]):
+        with Image.open(png) as im:
+            im.convert("L").save(root / f"{i:02d}.jpg", quality=92)
+        paths.append(root / f"{i:02d}.jpg")
+    with Image.open(paths[3]) as im:
+        im.convert("CMYK").save(root / "cmyk.jpg")
+    data = paths[4].read_bytes()
+    (root / "broken.jpg").write_bytes(data[:len(data) * 6 // 10])
+    (root / "junk.jpg").write_bytes(b"not a jpeg at all")
+    odd = [sorted(gallery_dir.rglob("*.png"))[40], root / "cmyk.jpg", root / "broken.jpg"]
+    return paths[:10] + odd + paths[10:20] + [root / "junk.jpg"] + paths[20:]
+
+
+def test_device_decode_embeds_files_like_pillow(run_dir, jpeg_gallery):
+    """JPEGs decoded as tensors (libjpeg-turbo here, nvJPEG on a GPU) give the Pillow path's embeddings up to
+    resampling rounding; a PNG and a CMYK JPEG take the Pillow path; unreadable files are skipped and named."""
+    pil = Embedder.from_artifact(run_dir, device="cpu", batch_size=8)
+    dev = Embedder.from_artifact(run_dir, device="cpu", batch_size=8, device_decode=True)
+    assert dev.device_decode and not pil.device_decode
+    a, ok_a, bad_a = pil.embed_files(jpeg_gallery)
+    b, ok_b, bad_b = dev.embed_files(jpeg_gallery)
+    unreadable = [i for i, p in enumerate(jpeg_gallery) if p.name in ("broken.jpg", "junk.jpg")]
+    assert ok_a == ok_b == [i for i in range(len(jpeg_gallery)) if i not in unreadable]
+    assert sorted(p for p, _ in bad_b) == sorted(p for p, _ in bad_a) == sorted(str(jpeg_gallery[i])
+                                                                               for i in unreadable)
+    assert all(Path(p).name in reason for p, reason in bad_b)  # each reason names its file
+    cos = (a * b).sum(1)
+    assert a.shape == b.shape == (len(jpeg_gallery) - 2, 64)
+    assert cos.min() > 0.995, cos.min()  # resampling differs slightly; a wrong crop or layout would not be close
+    for j, p in enumerate(jpeg_gallery):  # the PNG and the CMYK JPEG take the Pillow path in both: identical
+        if p.suffix == ".png" or p.name == "cmyk.jpg":
+            np.testing.assert_allclose(a[ok_b.index(j)], b[ok_b.index(j)], atol=1e-6)
+    np.testing.assert_allclose(np.linalg.norm(b, axis=1), 1.0, atol=1e-5)
+
+
+def test_device_decode_needs_the_torch_backend(tmp_path, run_dir, jpeg_gallery):
+    from ctxsim.deploy import build_index
+    from ctxsim.export import export_onnx
+
+    onnx = export_onnx(run_dir, tmp_path / "exp").onnx_path
+    with pytest.raises(ConfigError, match="torch backend"):
+        Embedder.from_artifact(onnx, device="cpu", device_decode=True)
+    with pytest.raises(ConfigError, match="device_decode"):
+        build_index(jpeg_gallery, Embedder.from_artifact(run_dir, device="cpu"), tmp_path / "i", device_decode=True)
+    info = build_index(jpeg_gallery, run_dir, tmp_path / "idx", device_decode=True)
+    assert info.count == len(jpeg_gallery) - 2 and sorted(Path(p).name for p, _ in info.skipped) == [
+        "broken.jpg", "junk.jpg"]
