@@ -16,6 +16,7 @@
 #   3. benchmarks/loss_cost.py     hybrid loss fwd+bwd at 128/256/512 as a share of a ResNet-50 step
 #   4. benchmarks/gpu_search.py    exact top-k over 1,000,000 x 512 (ctxsim.knn) vs the bandwidth bound
 #   5. benchmarks/gpu_inference.py eager bf16 vs torch.compile(max-autotune, CUDA graphs): b256 and b1, parity
+#   6. benchmarks/decode_throughput.py  JPEG -> 224 px batch: Pillow on one core vs nvJPEG (eval and train)
 # Results: every step's .md/.json in $RESULTS (default /tmp/ctxsim_gpu_results); when $OUT is set, the log,
 # gpu_check.md (all tables) and gpu_check.json go there too. The short summary table is printed LAST.
 set -u
@@ -85,6 +86,7 @@ step train_speed 120 $PY benchmarks/train_speed.py $DEV $DRY --out "$RESULTS"
 step loss_cost 60 $PY benchmarks/loss_cost.py $DEV $DRY --out "$RESULTS"
 step search 60 $PY benchmarks/gpu_search.py $DEV $DRY --out "$RESULTS"
 step inference 240 $PY benchmarks/gpu_inference.py $DEV $DRY --out "$RESULTS"
+step decode 45 $PY benchmarks/decode_throughput.py $DEV $DRY --out "$RESULTS"
 
 echo "== total $(( $(date +%s) - START ))s"
 if [ -n "${OUT:-}" ]; then

@@ -66,6 +66,18 @@ def rows(d: Path) -> list[list[str]]:
                     f"{gi['cos_min_compiled']:.4f} / {gi['cos_min_eager']:.4f}", ">= 0.99"])
     else:
         out.append(["inference eager vs compiled", status.get("inference", "not run"), ""])
+    dt = load(d, "decode_throughput")
+    if dt:
+        by = {(r["stage"], r["path"]): r for r in dt["rows"]}
+        for stage in ("eval", "train"):
+            dev = by.get((stage, f"device, {dt['decoders'][0]}"))
+            pil = by.get((stage, "Pillow, 1 core"))
+            if dev and pil:
+                out.append([f"JPEG -> {dt['crop']} px {stage} batch, device / Pillow (1 core)",
+                            f"{dev['vs_pillow']:.1f}x ({dev['images_per_s']:,.0f} vs {pil['images_per_s']:,.0f} img/s)",
+                            "> 1 core's worth"])
+    else:
+        out.append(["JPEG decode on the device", status.get("decode", "not run"), ""])
     return out
 
 
