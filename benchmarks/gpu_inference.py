@@ -7,10 +7,12 @@ parity check (cosine to an fp32 eager reference). Targets: >= 2x eager throughpu
 
 The network is ctxsim's EmbeddingNet (ResNet-50 -> max pool -> LayerNorm -> linear 512 -> L2), random weights
 with BatchNorm statistics calibrated on random images (no download needed; speed does not depend on the values).
-bf16 here means the backbone's weights and activations in bfloat16 and channels_last; the head stays float32 as
-the model defines it. The compiled model is the same bf16 module under Inductor with freezing (constant weights:
-BatchNorm folded into the convolutions) and max-autotune; convolutions are autotuned over cuDNN only by default
-(--conv-backends ATEN; Triton conv templates add minutes of tuning for little gain), GEMMs over ATen and Triton.
+Both rows are the product's own code: bf16 is ``ctxsim.deploy.embedder.set_precision`` (backbone and pooling
+weights and activations in bfloat16, channels_last; the head float32), what ``Embedder``/``ctxsim serve
+--precision bf16`` run; the compiled row (``--mode serving``, the default) is ``compile_for_inference``, what
+``--compile`` runs: Inductor's max-autotune (CUDA graphs) with freezing (BatchNorm folded into the convolutions),
+convolutions tuned over cuDNN only (--conv-backends ATEN). ``--mode X`` compiles with torch.compile(mode=X)
+instead; ``--mode none`` skips compiling.
 Writes gpu_inference_<device>.md/.json under benchmarks/results and $OUT.
 """
 from __future__ import annotations
@@ -33,7 +35,8 @@ def build(backbone: str, device: torch.device, size: int, in_ch: int = 3):
     from ctxsim.nets.embedding import ModelSpec
 
     torch.manual_seed(0)
-    model = EmbeddingNet(ModelSpec(backbone=backbone, embedding_dim=512, pooling="max", frozen_bn=False)).to(device)
+    model = EmbeddingNet(ModelSpec(backbone=backbone, embedding_dim=512, pooling="max", frozen_bn=False,
+                                   in_channels=in_ch)).to(device)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.momentum = None  # cumulative average over the calibration batches
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, default=256)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--latency-calls", type=int, default=100)
-    ap.add_argument("--mode", default="max-autotune", help='torch.compile mode, or "none" to skip compiling')
+    ap.add_argument("--mode", default="serving",
+                    help='"serving" (compile_for_inference), a torch.compile mode, or "none" to skip compiling')
     ap.add_argument("--conv-backends", default="ATEN", help="Inductor max_autotune_conv_backends")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dry-run", action="store_true", help="tiny sizes, no compile (checks the code on a CPU)")
@@ -73,25 +77,23 @@ def main(argv: list[str] | None = None) -> dict:
     device = pick(a.device)
     set_cpu_threads(device, a.threads)
     cuda = device.type == "cuda"
-    if a.dry_run:
-        a.backbone, a.size, a.batch, a.reps, a.latency_calls, a.mode = "resnet18", 64, 8, 2, 3, "none"
+    if a.dry_run:  # the CPU takes compile_for_inference's CPU branch (plain torch.compile)
+        a.backbone, a.size, a.batch, a.reps, a.latency_calls = "convnet", 32, 8, 2, 3
     if cuda:
         torch.backends.cudnn.benchmark = True
     dt = torch.bfloat16
 
-    ref = build(a.backbone, device, a.size)                       # fp32 eager reference
+    from ctxsim.deploy.embedder import compile_for_inference, set_precision
+
+    in_ch = 1 if a.backbone == "convnet" else 3
+    ref = build(a.backbone, device, a.size, in_ch)                # fp32 eager reference
     eager = copy.deepcopy(ref)
-    eager.backbone.to(dtype=dt, memory_format=torch.channels_last)  # bf16 backbone, fp32 head (as defined)
+    set_precision(eager, "bf16")                                  # as Embedder(precision="bf16") does
 
     compiled, compile_s = eager, {}
-    if a.mode != "none":
-        import torch._inductor.config as inductor_config
-
-        inductor_config.freezing = True
-        try:
-            inductor_config.max_autotune_conv_backends = a.conv_backends
-        except (AttributeError, KeyError):  # an Inductor without this knob: tune with its defaults
-            print("note: this Inductor has no max_autotune_conv_backends; conv backends left at defaults")
+    if a.mode == "serving":
+        compiled = compile_for_inference(copy.deepcopy(eager), device, a.conv_backends)
+    elif a.mode != "none":
         compiled = torch.compile(copy.deepcopy(eager), mode=a.mode, dynamic=False)
 
     def prep(x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         return compiled(x)
 
     g = torch.Generator().manual_seed(1)
-    xb = prep(torch.randn(a.batch, 3, a.size, a.size, generator=g).to(device))
-    x1 = prep(torch.randn(1, 3, a.size, a.size, generator=g).to(device))
+    xb = prep(torch.randn(a.batch, in_ch, a.size, a.size, generator=g).to(device))
+    x1 = prep(torch.randn(1, in_ch, a.size, a.size, generator=g).to(device))
     for name, x in (("batch", xb), ("one", x1)):  # compile (and autotune) each shape; CUDA graphs record here
         t0 = time.perf_counter()
         for _ in range(3):
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     sync(device)
 
     # parity on a.batch images (the shape already compiled): cosine of each embedding to the fp32 reference
-    xp = torch.randn(a.batch, 3, a.size, a.size, generator=g).to(device)
+    xp = torch.randn(a.batch, in_ch, a.size, a.size, generator=g).to(device)
     with torch.no_grad():
         e_ref = ref(xp).float()
         e_eager = run_eager(prep(xp)).float()
@@ -141,7 +143,8 @@ def main(argv: list[str] | None = None) -> dict:
     le, lc = median(lat["eager"]), median(lat["compiled"])
     speedup, lat_ratio = tc / te, lc / le
     ok_parity = float(cos_comp.min()) >= 0.99
-    label = f'torch.compile("{a.mode}") bf16' if a.mode != "none" else "eager again (dry run, no compile)"
+    label = {"serving": "compile_for_inference bf16 (ctxsim serve --compile)", "none": "eager again (no compile)"
+             }.get(a.mode, f'torch.compile("{a.mode}") bf16')
     rows = [
         ["PyTorch eager bf16", f"{te:.0f}", f"{le * 1e3:.3f}", f"{float(cos_eager.min()):.5f}",
          f"{float(cos_eager.mean()):.5f}"],

@@ -165,6 +165,9 @@ def register(app: typer.Typer) -> None:
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
         reload_every: float = typer.Option(2.0, help="Seconds between checks for a new index generation "
                                                      "(`index add`, a rebuild); 0: never reload."),
+        precision: str = typer.Option("fp32", help="PyTorch models: fp32, bf16, or fp16 (CUDA)."),
+        compile: bool = typer.Option(False, "--compile", help="PyTorch models: torch.compile (max-autotune and CUDA "
+                                                              "graphs on a GPU; minutes of tuning at start)."),
     ) -> None:
         """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info); picks up what
         `ctxsim index add` writes without a restart."""
@@ -173,7 +176,8 @@ def register(app: typer.Typer) -> None:
         console.print(f"serving {index_dir} on http://{host}:{port}" + (" (token required)" if token else ""))
         serve(index_dir, host=host, port=port, token=token, model=model,
               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch,
-              batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every)
+              batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every, precision=precision,
+              compile=compile)
 
     @app.command("bench", epilog="Example: ctxsim bench runs/omni --limit 2000")
     def bench_cmd(

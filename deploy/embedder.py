@@ -3,8 +3,10 @@
 ``Embedder.from_artifact(path)`` picks the backend from the artifact:
 
 - a run folder (``model.json`` + ``model.safetensors``) -> PyTorch (``ctxsim.nets.load_run``), preprocessed with
-  ``ctxsim.data.transforms.eval_transform(card.preprocess)``, the code evaluation uses; optional
-  ``torch.compile`` (on CUDA with ``mode="reduce-overhead"``, i.e. CUDA graphs; batches are padded to one shape);
+  ``ctxsim.data.transforms.eval_transform(card.preprocess)``, the code evaluation uses; ``precision`` "bf16"
+  (CUDA or CPU) or "fp16" (CUDA) puts the backbone in that type and channels_last, the head staying float32;
+  optional ``torch.compile`` (on CUDA ``mode="max-autotune"``: autotuned kernels replayed as CUDA graphs, the
+  fastest PyTorch path, see benchmarks/gpu_inference.py; batches are padded to one shape);
 - a ``.onnx`` file (or an export folder holding ``model.onnx``) -> ONNX Runtime through
   ``ctxsim.export.runners.open_runner``, preprocessed with ``ctxsim.export.contract.preprocess_batch`` and the
   runner's contract;
@@ -84,8 +86,36 @@ def artifact_kind(path: str | os.PathLike) -> tuple[str, Path]:
 
 
 # ---------------------------------------------------------------------------------------------- backends
+def set_precision(model: torch.nn.Module, precision: str) -> torch.dtype:
+    """bf16/fp16: put the backbone and pooling (weights and activations) in that type and channels_last, in place;
+    the head stays float32, as EmbeddingNet defines it. No per-call autocast casts. Returns the input dtype."""
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    if dtype != torch.float32:
+        for part in (model.backbone, model.pool):
+            part.to(dtype=dtype, memory_format=torch.channels_last)
+    return dtype
+
+
+def compile_for_inference(model: torch.nn.Module, device: torch.device | str,
+                          conv_backends: str = "ATEN") -> Callable[[torch.Tensor], torch.Tensor]:
+    """torch.compile for serving a model in eval mode under no_grad/inference_mode. On CUDA: Inductor's
+    max-autotune options (autotuned kernels replayed as CUDA graphs) plus freezing (weights as constants, BatchNorm
+    folded into the convolutions), convolutions tuned over ``conv_backends`` only (Triton conv templates add
+    minutes of tuning for little gain); minutes of tuning per batch shape, once. On the CPU: the default mode.
+    benchmarks/gpu_inference.py measures exactly this against eager."""
+    if torch.device(device).type != "cuda":
+        return torch.compile(model, dynamic=False)
+    import torch._inductor as inductor
+    import torch._inductor.config as inductor_config
+
+    options = {**inductor.list_mode_options("max-autotune"), "freezing": True}
+    if hasattr(inductor_config, "max_autotune_conv_backends"):
+        options["max_autotune_conv_backends"] = conv_backends
+    return torch.compile(model, dynamic=False, options=options)
+
+
 class _TorchBackend:
-    def __init__(self, run_dir: Path, device: str, compile: bool, batch_size: int, precision: str) -> None:
+    def __init__(self, run_dir: Path, device: str, compile: bool | str, batch_size: int, precision: str) -> None:
         from ctxsim.nets import load_run
 
         model, card = load_run(run_dir)
@@ -99,21 +129,23 @@ class _TorchBackend:
         self.batch_size = batch_size
         if precision not in ("fp32", "fp16", "bf16"):
             raise ConfigError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
-        if precision != "fp32" and self.device.type != "cuda":
-            raise ConfigError(f"precision {precision} for the torch backend needs CUDA; use precision='fp32'")
-        self.amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+        if precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision fp16 for the torch backend needs CUDA; use fp32 or bf16")
+        self.dtype = set_precision(self.model, precision)
+        self.channels_last = precision != "fp32"
         self.precision = precision
         self.compiled = False
         self.pad = False
         self._forward: Callable[[torch.Tensor], torch.Tensor] = self.model
         if compile:
-            mode = "reduce-overhead" if self.device.type == "cuda" else None  # reduce-overhead = CUDA graphs
             try:
-                self._forward = torch.compile(self.model, mode=mode, dynamic=False)
+                self._forward = (torch.compile(self.model, mode=compile, dynamic=False) if isinstance(compile, str)
+                                 else compile_for_inference(self.model, self.device))
             except Exception as e:  # noqa: BLE001 - compile is an optimisation; say why it is off
                 raise ConfigError(f"torch.compile failed ({type(e).__name__}: {e}); run without compile") from None
-            self.compiled, self.pad = True, True
-        self.name = f"torch:{self.device.type}" + (":compiled" if self.compiled else "")
+            self.compiled, self.pad = True, True  # one static batch shape, so compiled graphs are reused
+        self.name = (f"torch:{self.device.type}" + ("" if precision == "fp32" else f":{precision}")
+                     + (":compiled" if self.compiled else ""))
         self.contract = {**card.preprocess.to_dict(), "input_format": "float_nchw",
                          "fingerprint": card.fingerprint, "embedding_dim": card.embedding_dim}
 
@@ -127,8 +159,9 @@ class _TorchBackend:
         if self.pad and n < self.batch_size:  # one static shape for compiled graphs / CUDA graphs
             x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
         x = x.to(self.device, non_blocking=True)
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-            y = self._forward(x)
+        if self.channels_last:
+            x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
+        y = self._forward(x)
         return y[:n].float().cpu().numpy()
 
 
@@ -228,7 +261,7 @@ class Embedder:
         return self._device_transform is not None
 
     @classmethod
-    def from_artifact(cls, path: str | os.PathLike, device: str = "auto", compile: bool = False,
+    def from_artifact(cls, path: str | os.PathLike, device: str = "auto", compile: bool | str = False,
                       batch_size: int = 64, precision: str = "fp32", device_decode: bool = False) -> "Embedder":
         """Open a run folder (PyTorch), a .onnx file / export folder (ONNX Runtime) or a .engine (TensorRT)."""
         kind, p = artifact_kind(path)
@@ -236,6 +269,9 @@ class Embedder:
         if kind == "torch":
             backend = _TorchBackend(p, dev, compile, batch_size, precision)
         else:
+            if precision != "fp32":
+                raise ConfigError(f"precision applies to run folders (PyTorch); a {kind} artifact has its precision "
+                                  "built in (model.fp16.onnx, an fp16/int8 engine)")
             if compile:
                 logger.info("compile applies to the torch backend only; ignored for %s", kind)
             backend = _RunnerBackend(p, kind, dev)

@@ -304,11 +304,13 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
 def create_app(index_dir: Any, model: Any = None, token: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_batch: int = 32, batch_wait_ms: float = 5.0, max_k: int = 1000, default_k: int = 10,
-               device: str = "auto", reload_every_s: float = 2.0) -> Any:
+               device: str = "auto", reload_every_s: float = 2.0, precision: str = "fp32",
+               compile: bool = False) -> Any:
     """A FastAPI app serving ``index_dir`` (a folder or a loaded Index) with ``model`` (default: the index's).
 
     The model's fingerprint must match the index's (FingerprintMismatch otherwise). A folder is watched for new
-    generations every ``reload_every_s`` seconds (0: never); a loaded Index is served as it is.
+    generations every ``reload_every_s`` seconds (0: never); a loaded Index is served as it is. ``precision`` and
+    ``compile`` apply to a run folder served with PyTorch (see ``Embedder.from_artifact``).
     """
     _fastapi()
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -333,7 +335,8 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
             raise ConfigError(f"the model that built the index ({index.info.model}) is not available; pass --model")
         model = index.info.model
     embedder = model if hasattr(model, "embed") and hasattr(model, "fingerprint") else \
-        Embedder.from_artifact(model, device=device, batch_size=max(64, max_batch))
+        Embedder.from_artifact(model, device=device, batch_size=max(64, max_batch), precision=precision,
+                               compile=compile)
     index.check_model(embedder.fingerprint)
     batcher = Batcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms)
     watcher = IndexWatcher(index_dir, batcher, embedder.fingerprint,
@@ -435,7 +438,7 @@ def _is_loopback(host: str) -> bool:
 def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, model: Any = None,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
           max_batch: int = 32, batch_wait_ms: float = 5.0, device: str = "auto", log_level: str = "info",
-          reload_every_s: float = 2.0) -> None:
+          reload_every_s: float = 2.0, precision: str = "fp32", compile: bool = False) -> None:
     """Serve ``index_dir`` over HTTP with uvicorn (blocking). Loopback only unless ``host`` says otherwise."""
     _fastapi()
     try:
@@ -447,5 +450,6 @@ def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, token: str 
         logger.warning("serving on %s without a token: anyone who can reach this port can query the index; "
                        "pass --token (or set CTXSIM_TOKEN)", host)
     app = create_app(index_dir, model=model, token=token, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
-                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every_s)
+                     max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every_s,
+                     precision=precision, compile=compile)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

@@ -144,8 +144,30 @@ def test_device_decode_needs_the_torch_backend(tmp_path, run_dir, jpeg_gallery):
     onnx = export_onnx(run_dir, tmp_path / "exp").onnx_path
     with pytest.raises(ConfigError, match="torch backend"):
         Embedder.from_artifact(onnx, device="cpu", device_decode=True)
+    with pytest.raises(ConfigError, match="precision built in"):
+        Embedder.from_artifact(onnx, device="cpu", precision="bf16")
     with pytest.raises(ConfigError, match="device_decode"):
         build_index(jpeg_gallery, Embedder.from_artifact(run_dir, device="cpu"), tmp_path / "i", device_decode=True)
     info = build_index(jpeg_gallery, run_dir, tmp_path / "idx", device_decode=True)
     assert info.count == len(jpeg_gallery) - 2 and sorted(Path(p).name for p, _ in info.skipped) == [
         "broken.jpg", "junk.jpg"]
+
+
+def test_bf16_backbone_on_the_cpu(run_dir, gallery_dir):
+    """precision="bf16": the backbone runs in bfloat16 (channels_last), the head in float32; embeddings stay close
+    to fp32 and unit-norm. fp16 is refused on the CPU."""
+    import torch
+
+    paths = _paths(gallery_dir, 24)
+    ref = Embedder.from_artifact(run_dir, device="cpu").embed(paths)
+    e = Embedder.from_artifact(run_dir, device="cpu", precision="bf16", batch_size=8)
+    assert e.backend == "torch:cpu:bf16"
+    assert next(e._b.model.backbone.parameters()).dtype == torch.bfloat16
+    assert next(e._b.model.head.parameters()).dtype == torch.float32
+    got = e.embed(paths)
+    assert got.dtype == np.float32
+    cos = (got * ref).sum(1)
+    assert cos.min() > 0.99 and cos.min() < 1 - 1e-7, cos.min()  # close, and really computed in bf16
+    np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    with pytest.raises(ConfigError, match="fp16 for the torch backend needs CUDA"):
+        Embedder.from_artifact(run_dir, device="cpu", precision="fp16")

@@ -221,5 +221,6 @@ def test_a_loaded_index_is_not_watched(flat_index):
 
     app = create_app(load_index(flat_index))
     assert app.state.watcher.every_s == 0.0
+    assert create_app(flat_index, precision="bf16").state.embedder.backend == "torch:cpu:bf16"
     with pytest.raises(ConfigError, match="reload_every_s"):
         create_app(flat_index, reload_every_s=-1)
