@@ -6,7 +6,8 @@
   ``ctxsim.data.transforms.eval_transform(card.preprocess)``, the code evaluation uses; ``precision`` "bf16"
   (CUDA or CPU) or "fp16" (CUDA) puts the backbone in that type and channels_last, the head staying float32;
   optional ``torch.compile`` (on CUDA ``mode="max-autotune"``: autotuned kernels replayed as CUDA graphs, the
-  fastest PyTorch path, see benchmarks/gpu_inference.py; batches are padded to one shape);
+  fastest PyTorch path, see benchmarks/gpu_inference.py; a batch of 2 or more is padded to ``batch_size``, so
+  the graphs are built for two shapes: 1 and ``batch_size``);
 - a ``.onnx`` file (or an export folder holding ``model.onnx``) -> ONNX Runtime through
   ``ctxsim.export.runners.open_runner``, preprocessed with ``ctxsim.export.contract.preprocess_batch`` and the
   runner's contract;
@@ -143,7 +144,7 @@ class _TorchBackend:
                                  else compile_for_inference(self.model, self.device))
             except Exception as e:  # noqa: BLE001 - compile is an optimisation; say why it is off
                 raise ConfigError(f"torch.compile failed ({type(e).__name__}: {e}); run without compile") from None
-            self.compiled, self.pad = True, True  # one static batch shape, so compiled graphs are reused
+            self.compiled, self.pad = True, True  # batches padded to batch_size (see run), so graphs are reused
         self.name = (f"torch:{self.device.type}" + ("" if precision == "fp32" else f":{precision}")
                      + (":compiled" if self.compiled else ""))
         self.contract = {**card.preprocess.to_dict(), "input_format": "float_nchw",
@@ -156,7 +157,8 @@ class _TorchBackend:
     def run(self, batch: Any) -> np.ndarray:
         x = torch.as_tensor(batch)
         n = x.shape[0]
-        if self.pad and n < self.batch_size:  # one static shape for compiled graphs / CUDA graphs
+        # two static shapes for compiled graphs / CUDA graphs: one image (a lone request's latency) and a full batch
+        if self.pad and 1 < n < self.batch_size:
             x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
         x = x.to(self.device, non_blocking=True)
         if self.channels_last:

@@ -86,14 +86,20 @@ def test_tensorrt_engine_needs_tensorrt(tmp_path):
         Embedder.from_artifact(tmp_path / "model.fp16.engine", device="cpu")
 
 
-@pytest.mark.slow
-def test_torch_compile_matches_eager(run_dir, gallery_dir):
+def test_torch_compile_matches_eager(run_dir, gallery_dir):  # ~20 s with a cold Inductor cache
     paths = _paths(gallery_dir, 40)
     eager = Embedder.from_artifact(run_dir, device="cpu").embed(paths)
     compiled = Embedder.from_artifact(run_dir, device="cpu", compile=True, batch_size=32)
     assert compiled.backend.endswith(":compiled")
+    seen = []
+    forward = compiled._b._forward
+    compiled._b._forward = lambda x: (seen.append(x.shape[0]), forward(x))[1]
     out = compiled.embed(paths)  # 40 = 32 + 8: the last batch is padded to the compiled shape
     assert float((out * eager).sum(axis=1).min()) > 0.9999
+    one = compiled.embed(paths[5:6])  # a lone image runs as a batch of 1 (latency), not padded to 32
+    three = compiled.embed(paths[:3])
+    assert seen == [32, 32, 1, 32]
+    assert float((one * eager[5]).sum()) > 0.9999 and float((three * eager[:3]).sum(1).min()) > 0.9999
 
 
 @pytest.fixture(scope="module")
