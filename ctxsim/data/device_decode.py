@@ -140,23 +140,19 @@ def collate_encoded(batch: Sequence[tuple[torch.Tensor, int]]) -> tuple[list[tor
     return [b for b, _ in batch], torch.tensor([y for _, y in batch], dtype=torch.long)
 
 
-class DeviceAugment:
-    """Decode a list of JPEG byte tensors on ``device`` and apply the train transform there; returns (B, C, S, S)
-    float32 on ``device``. Crop and flip draws come from torch's global CPU generator, like the loader pipeline.
+class _DeviceTransform:
+    """Shared by the train and eval transforms on the device: batch decoding, output buffer, normalisation.
     ``decoder``: "torchvision" (the default; TorchCodec where torchvision's decoder is gone) or "torchcodec"."""
 
-    def __init__(self, preprocess: Preprocess, scale: tuple[float, float], hflip: bool,
-                 device: str | torch.device, decoder: str = "torchvision") -> None:
+    def __init__(self, preprocess: Preprocess, device: str | torch.device, decoder: str) -> None:
         if preprocess.interpolation not in TENSOR_INTERPOLATIONS:
-            raise ConfigError(f"data.decode=device resizes tensors: preprocess.interpolation must be one of "
+            raise ConfigError(f"decoding on the device resizes tensors: preprocess.interpolation must be one of "
                               f"{', '.join(TENSOR_INTERPOLATIONS)}, got {preprocess.interpolation!r}")
-        self.p, self.scale, self.hflip = preprocess, tuple(float(s) for s in scale), bool(hflip)
-        self.device = torch.device(device)
+        self.p, self.device = preprocess, torch.device(device)
         self.decoder, self._decode = jpeg_decoder(decoder)
         c = preprocess.num_channels
         self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, c, 1, 1)
         self.std = torch.tensor(preprocess.std, device=self.device).view(1, c, 1, 1)
-        self.ratio = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in train_transform
 
     def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
         try:
@@ -168,37 +164,37 @@ class DeviceAugment:
         s = self.p.input_size
         out = torch.empty(len(encoded), self.p.num_channels, s, s, device=self.device)
         for i, img in enumerate(self.decode(encoded)):
-            top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
-            crop = F.resized_crop(img, top, left, h, w, [s, s], interpolation=self.p.interpolation_mode,
-                                  antialias=True)
-            if self.hflip and torch.rand(1).item() < 0.5:
-                crop = crop.flip(-1)
-            out[i] = crop
+            out[i] = self.crop(img)
         return (out / 255.0 - self.mean) / self.std
 
+    def crop(self, img: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
-class DeviceEvalTransform:
+
+class DeviceAugment(_DeviceTransform):
+    """Decode a list of JPEG byte tensors on ``device`` and apply the train transform there; returns (B, C, S, S)
+    float32 on ``device``. Crop and flip draws come from torch's global CPU generator, like the loader pipeline."""
+
+    def __init__(self, preprocess: Preprocess, scale: tuple[float, float], hflip: bool,
+                 device: str | torch.device, decoder: str = "torchvision") -> None:
+        super().__init__(preprocess, device, decoder)
+        self.scale, self.hflip = tuple(float(s) for s in scale), bool(hflip)
+        self.ratio = (3 / 4, 4 / 3)  # RandomResizedCrop's default, as in train_transform
+
+    def crop(self, img: torch.Tensor) -> torch.Tensor:
+        s = self.p.input_size
+        top, left, h, w = T.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        out = F.resized_crop(img, top, left, h, w, [s, s], interpolation=self.p.interpolation_mode, antialias=True)
+        return out.flip(-1) if self.hflip and torch.rand(1).item() < 0.5 else out
+
+
+class DeviceEvalTransform(_DeviceTransform):
     """``eval_transform`` on the device: decode a list of JPEG byte tensors, resize the shorter side to
     ``resize_size``, centre-crop ``input_size``, scale to [0, 1] and normalise; returns (B, C, S, S) float32."""
 
     def __init__(self, preprocess: Preprocess, device: str | torch.device, decoder: str = "torchvision") -> None:
-        if preprocess.interpolation not in TENSOR_INTERPOLATIONS:
-            raise ConfigError(f"decoding on the device resizes tensors: preprocess.interpolation must be one of "
-                              f"{', '.join(TENSOR_INTERPOLATIONS)}, got {preprocess.interpolation!r}")
-        self.p, self.device = preprocess, torch.device(device)
-        self.decoder, self._decode = jpeg_decoder(decoder)
-        c = preprocess.num_channels
-        self.mean = torch.tensor(preprocess.mean, device=self.device).view(1, c, 1, 1)
-        self.std = torch.tensor(preprocess.std, device=self.device).view(1, c, 1, 1)
+        super().__init__(preprocess, device, decoder)
 
-    def __call__(self, encoded: list[torch.Tensor]) -> torch.Tensor:
-        try:
-            images = self._decode(encoded, self.p.channels, self.device)
-        except (RuntimeError, ValueError) as e:
-            raise DataError(f"cannot decode a JPEG of this batch on {self.device} ({self.decoder}): {e}") from e
-        s = self.p.input_size
-        out = torch.empty(len(images), self.p.num_channels, s, s, device=self.device)
-        for i, img in enumerate(images):
-            img = F.resize(img, self.p.resize_size, interpolation=self.p.interpolation_mode, antialias=True)
-            out[i] = F.center_crop(img, [s, s])
-        return (out / 255.0 - self.mean) / self.std
+    def crop(self, img: torch.Tensor) -> torch.Tensor:
+        img = F.resize(img, self.p.resize_size, interpolation=self.p.interpolation_mode, antialias=True)
+        return F.center_crop(img, [self.p.input_size] * 2)
