@@ -96,6 +96,7 @@ def register(app: typer.Typer) -> None:
         precision: Optional[str] = typer.Option(None, help="Thresholds of fp32/fp16/int8 (default: the artifact's)."),
         thresholds: Optional[str] = typer.Option(None, help="Override thresholds: key=value,... (value none: off)."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+        flips_grid: Optional[Path] = typer.Option(None, help="Draw the queries whose top-1 flipped into this PNG."),
     ) -> None:
         """Compare an artifact with the run's PyTorch model on real evaluation images; writes parity.json.
 
@@ -106,10 +107,14 @@ def register(app: typer.Typer) -> None:
 
         with progress_callback("embedding") as progress:
             report = check_parity(run_dir, artifact, data_root=data, thresholds=thresholds, limit=limit,
-                                  precision=precision, progress=progress)
+                                  precision=precision, progress=progress, flips_grid=flips_grid)
         if json_out:
             console.print_json(json.dumps(report.to_dict()))
         else:
             console.print(parity_table({artifact.name: report}))
+        ties = report.retrieval.get("ties") or {}
+        if flips_grid is not None:
+            console.print(f"flips: {flips_grid} ({len(ties['examples'])} queries)" if ties.get("examples")
+                          else "flips: none, no grid written")
         if not _print_failures({artifact.name: report}):
             raise typer.Exit(1)

@@ -63,7 +63,7 @@ def write_manifest(out_dir: str | Path, contract: Mapping[str, Any], artifacts: 
             "images": d.get("images"), "dataset": d.get("dataset"), "thresholds": d.get("thresholds", {}),
             "cosine_min": d.get("embedding", {}).get("cosine_min"),
             "delta_points": d.get("retrieval", {}).get("delta_points", {}),
-            "r1_flips": d.get("retrieval", {}).get("ties"),
+            "r1_flips": {k: v for k, v in (d.get("retrieval", {}).get("ties") or {}).items() if k != "examples"},
             "cross_R@1": d.get("cross", {}).get("R@1"),
         }
     manifest = {

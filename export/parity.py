@@ -215,6 +215,60 @@ def r1_flips(margins_ref: np.ndarray, margins_art: np.ndarray, tie_margin: float
             "delta_R@1_points": 100.0 * float(gain[valid & ~near].sum()) / n}
 
 
+def flip_examples(ref: np.ndarray, art: np.ndarray, labels: np.ndarray, margins_ref: np.ndarray,
+                  margins_art: np.ndarray, tie_margin: float, most: int = 32) -> list[dict[str, Any]]:
+    """The flipped queries (at most ``most``, decisive ones first, then by falling reference margin), each with
+    its top-1 neighbour under both models: ``{"query", "label", "reference_top1", "reference_score",
+    "reference_hit", "artifact_top1", "artifact_score", "artifact_hit", "margin", "near_tie"}`` (indices into the
+    evaluation split; a hit: the top-1 is of the query's class)."""
+    valid = ~np.isnan(margins_ref)
+    flipped = np.flatnonzero(valid & ((margins_ref > 0) != (margins_art > 0)))
+    rows = flipped[np.argsort(-np.abs(margins_ref[flipped]), kind="stable")][:most]
+    if not len(rows):
+        return []
+    out = []
+    tops = []
+    for emb in (ref, art):
+        sims = emb[rows].astype(np.float64) @ emb.T.astype(np.float64)
+        sims[np.arange(len(rows)), rows] = -np.inf
+        j = sims.argmax(1)
+        tops.append((j, sims[np.arange(len(rows)), j]))
+    for n, q in enumerate(rows):
+        (j_ref, s_ref), (j_art, s_art) = tops
+        out.append({"query": int(q), "label": int(labels[q]),
+                    "reference_top1": int(j_ref[n]), "reference_score": float(s_ref[n]),
+                    "reference_hit": bool(labels[j_ref[n]] == labels[q]),
+                    "artifact_top1": int(j_art[n]), "artifact_score": float(s_art[n]),
+                    "artifact_hit": bool(labels[j_art[n]] == labels[q]),
+                    "margin": float(margins_ref[q]), "near_tie": bool(abs(margins_ref[q]) < tie_margin)})
+    return out
+
+
+def write_flips_grid(examples: list[dict[str, Any]], dataset: Any, out_png: str | Path, thumb: int = 96) -> Path:
+    """One row per flipped query: the query, its top-1 under the reference, its top-1 under the artifact (framed
+    green when of the query's class, red otherwise; captions: the similarities)."""
+    import tempfile
+
+    from ctxsim.deploy.search import Neighbor, QueryResult, write_grid
+
+    if not examples:
+        raise ConfigError("no flipped queries to draw")
+    with tempfile.TemporaryDirectory() as tmp:
+        def saved(i: int) -> str:  # the split's images may live in a zip: write each one out once
+            path = Path(tmp) / f"{i}.png"
+            if not path.exists():
+                dataset.load_image(i).save(path)
+            return str(path)
+
+        rows = [QueryResult(query=saved(e["query"]), label=str(e["label"]), neighbors=[
+            Neighbor(1, e["reference_score"], e["reference_top1"], saved(e["reference_top1"]),
+                     str(dataset.labels[e["reference_top1"]])),
+            Neighbor(2, e["artifact_score"], e["artifact_top1"], saved(e["artifact_top1"]),
+                     str(dataset.labels[e["artifact_top1"]]))]) for e in examples]
+        write_grid(rows, out_png, thumb=thumb)
+    return Path(out_png)
+
+
 def _check(name: str, value: float | None, threshold: float) -> tuple[dict[str, Any], str | None]:
     what, op = CHECKS[name]
     if value is None or not math.isfinite(value):
@@ -263,13 +317,15 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
                  thresholds: str | Mapping[str, Any] | None = None, limit: int | None = None,
                  precision: str | None = None, batch_size: int = 64, k: int = 10,
                  providers: list | None = None, write: bool = True,
-                 progress: Callable[[int, int], None] | None = None) -> ParityReport:
+                 progress: Callable[[int, int], None] | None = None,
+                 flips_grid: str | Path | None = None) -> ParityReport:
     """Compare ``artifact`` (an .onnx/.engine path, or an open runner) with the run's PyTorch fp32 model.
 
     ``limit`` keeps a deterministic class-balanced subset of the evaluation split; ``precision`` picks the
     default thresholds (default: the artifact's own, from its contract); ``thresholds`` overrides them.
     With ``write`` (and a path artifact) the report is merged into ``parity.json`` next to the artifact,
-    under the artifact's file name. Raises FingerprintMismatch if the artifact was exported from another model.
+    under the artifact's file name. ``flips_grid``: a PNG drawing the flipped queries (when there are any; see
+    :func:`write_flips_grid`). Raises FingerprintMismatch if the artifact was exported from another model.
     """
     from ctxsim.data.pipeline import open_eval_dataset
     from ctxsim.evaluate import retrieval_metrics
@@ -332,8 +388,12 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
         _, i_ref = knn(ref, ref, k_eff, exclude_self=True)
         _, i_art = knn(art, art, k_eff, exclude_self=True)
         neighbours = {"k": k_eff, "jaccard_mean": float(topk_jaccard(i_ref, i_art).mean())}
-        retrieval["ties"] = r1_flips(r1_margins(ref, labels), r1_margins(art, labels),
-                                     limits.get("tie_margin", 0.0))
+        margins_ref, margins_art = r1_margins(ref, labels), r1_margins(art, labels)
+        tie = limits.get("tie_margin", 0.0)
+        retrieval["ties"] = r1_flips(margins_ref, margins_art, tie)
+        retrieval["ties"]["examples"] = flip_examples(ref, art, labels, margins_ref, margins_art, tie)
+        if flips_grid is not None and retrieval["ties"]["examples"]:
+            write_flips_grid(retrieval["ties"]["examples"], raw, flips_grid)
         cross_r1 = cross_recall_at_1(art, ref, labels)
         cross = {"R@1": cross_r1, "delta_R@1_points": 100.0 * (cross_r1 - m_ref["R@1"])}
 

@@ -64,9 +64,24 @@ def test_damaged_model_fails_parity(tmp_path, convnet_run, convnet_export):
     ties = r.retrieval["ties"]
     assert ties["flips"] > ties["flips_near_tied"]
     assert ties["delta_R@1_points"] != 0.0
-    only_r1 = check_parity(convnet_run, damaged, limit=LIMIT, write=False,
+    grid = tmp_path / "flips.png"
+    only_r1 = check_parity(convnet_run, damaged, limit=LIMIT, write=False, flips_grid=grid,
                            thresholds="min_cosine=none,max_norm_error=none,max_abs_delta_r1_points=0.0")
     assert [f for f in only_r1.failures if "max_abs_delta_r1_points" in f]
+    # the flipped queries, decisive ones first, each with its top-1 under both models, drawn one row each
+    examples = only_r1.retrieval["ties"]["examples"]
+    assert len(examples) == min(32, only_r1.retrieval["ties"]["flips"])
+    margins = [abs(e["margin"]) for e in examples]
+    assert margins == sorted(margins, reverse=True) and not examples[0]["near_tie"]
+    for e in examples:  # a flip: the two top-1 neighbours disagree, and the margin's sign says which one hit
+        assert e["reference_top1"] != e["query"] != e["artifact_top1"]
+        assert e["reference_hit"] == (e["margin"] > 0) != e["artifact_hit"]
+    from PIL import Image
+
+    from ctxsim.deploy.search import grid_size
+
+    with Image.open(grid) as im:
+        assert im.size == grid_size(len(examples), 3)
 
 
 def test_uint8_graph_passes_fp32_parity(tmp_path, convnet_run):
