@@ -13,9 +13,10 @@
 #      channels_last; compiled step; nvJPEG decode (data.decode=device) vs the CPU path; the Embedder on CUDA:
 #      fp32, bf16, compiled, nvJPEG, and a "torch" index on the GPU; chunked kNN on CUDA tensors)
 #   2. benchmarks/train_speed.py   Trainer.train_step vs bare loop, ResNet-50 224 px batch 128; fp16 vs bf16
-#   3. benchmarks/loss_cost.py     hybrid loss fwd+bwd at 128/256/512 as a share of a ResNet-50 step
+#   3. benchmarks/gpu_inference.py eager bf16 vs compile_for_inference (max-autotune, CUDA graphs, freezing):
+#      b256 and b1, parity
 #   4. benchmarks/gpu_search.py    exact top-k over 1,000,000 x 512 (ctxsim.knn) vs the bandwidth bound
-#   5. benchmarks/gpu_inference.py eager bf16 vs torch.compile(max-autotune, CUDA graphs): b256 and b1, parity
+#   5. benchmarks/loss_cost.py     hybrid loss fwd+bwd at 128/256/512 as a share of a ResNet-50 step
 #   6. benchmarks/decode_throughput.py  JPEG -> 224 px batch: Pillow on one core vs nvJPEG (eval and train)
 # Results: every step's .md/.json in $RESULTS (default /tmp/ctxsim_gpu_results); when $OUT is set, the log,
 # gpu_check.md (all tables) and gpu_check.json go there too. The short summary table is printed LAST.
@@ -81,11 +82,12 @@ step() {  # step NAME CAP_SECONDS command...
   echo "== $name done: rc=$rc in $(( $(date +%s) - t0 ))s"
 }
 
+# most important first: a step that would start past the budget is skipped
 step tests 150 $PY -m pytest -q -p no:cacheprovider -m gpu tests/core/test_gpu.py tests/core/test_knn.py -rs
 step train_speed 120 $PY benchmarks/train_speed.py $DEV $DRY --out "$RESULTS"
-step loss_cost 60 $PY benchmarks/loss_cost.py $DEV $DRY --out "$RESULTS"
-step search 60 $PY benchmarks/gpu_search.py $DEV $DRY --out "$RESULTS"
 step inference 240 $PY benchmarks/gpu_inference.py $DEV $DRY --out "$RESULTS"
+step search 60 $PY benchmarks/gpu_search.py $DEV $DRY --out "$RESULTS"
+step loss_cost 60 $PY benchmarks/loss_cost.py $DEV $DRY --out "$RESULTS"
 step decode 45 $PY benchmarks/decode_throughput.py $DEV $DRY --out "$RESULTS"
 
 echo "== total $(( $(date +%s) - START ))s"

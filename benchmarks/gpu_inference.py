@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> dict:
     def prep(x: torch.Tensor) -> torch.Tensor:
         return x.to(dt).contiguous(memory_format=torch.channels_last)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as Embedder.run
     def run_eager(x):
         return eager(x)
 
-    @torch.no_grad()
+    @torch.inference_mode()  # as Embedder.run
     def run_compiled(x):
         return compiled(x)
 
@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # parity on a.batch images (the shape already compiled): cosine of each embedding to the fp32 reference
     xp = torch.randn(a.batch, in_ch, a.size, a.size, generator=g).to(device)
-    with torch.no_grad():
+    with torch.inference_mode():
         e_ref = ref(xp).float()
         e_eager = run_eager(prep(xp)).float()
         e_comp = run_compiled(prep(xp)).float().clone()  # CUDA-graph outputs are reused by the next replay

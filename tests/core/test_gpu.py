@@ -129,7 +129,9 @@ def test_embedder_on_cuda_matches_cpu(tmp_path):
     paths = sorted(jpeg_tree(tmp_path / "data").rglob("*.jpg"))
     ref, ok, _ = Embedder.from_artifact(run, device="cpu", batch_size=16).embed_files(paths)
     assert len(ok) == len(paths)
-    for kw, floor in [({}, 0.9999), ({"precision": "bf16"}, 0.99), ({"compile": True}, 0.9999),
+    # compile: CUDA graphs without max-autotune's minutes of tuning; compile_for_inference itself (max-autotune,
+    # freezing) runs in benchmarks/gpu_inference.py, whose parity check covers it
+    for kw, floor in [({}, 0.9999), ({"precision": "bf16"}, 0.99), ({"compile": "reduce-overhead"}, 0.9999),
                       ({"device_decode": True}, 0.995)]:
         emb, ok, bad = Embedder.from_artifact(run, device="cuda", batch_size=16, **kw).embed_files(paths)
         assert not bad and len(ok) == len(paths)
