@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ctxsim.data.device_decode import JPEG_SUFFIXES
 from ctxsim.data.transforms import Preprocess, eval_transform
 from ctxsim.errors import ArtifactError, ConfigError, DataError, MissingDependency
 
@@ -48,7 +49,6 @@ logger = logging.getLogger(__name__)
 
 ONNX_SUFFIXES = (".onnx",)
 ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
-JPEG_SUFFIXES = (".jpg", ".jpeg")
 CONTRACT_KEYS = ("input_size", "resize_size", "mean", "std", "channels", "interpolation")
 
 

@@ -1,4 +1,4 @@
-"""Decode and augment training JPEGs on the training device (``data.decode: device``).
+"""Decode JPEGs on the device: training batches (``data.decode: device``) and gallery batches (``--device-decode``).
 
 With the default ``data.decode: loader`` the DataLoader decodes every image with Pillow and applies the train
 transform on the CPU, which can starve a fast GPU. With ``device`` the loader only reads each file's bytes;
