@@ -29,12 +29,36 @@ class Runner(Protocol):
     def run(self, batch: np.ndarray) -> np.ndarray: ...
 
 
+def install_problem(distributions: set[str], available: Sequence[str]) -> str | None:
+    """What is wrong with this ONNX Runtime install, if anything. The CPU wheel (``onnxruntime``) and the GPU
+    wheel (``onnxruntime-gpu``) install the same ``onnxruntime`` module; with both, whichever came last wins, and
+    a GPU server quietly runs on the CPU."""
+    gpu = {d for d in distributions if d.startswith("onnxruntime-gpu") or d.startswith("onnxruntime_gpu")}
+    if gpu and "CUDAExecutionProvider" not in available:
+        both = " and the CPU wheel onnxruntime" if "onnxruntime" in distributions else ""
+        return (f"{sorted(gpu)[0]} is installed{both}, but ONNX Runtime offers no CUDAExecutionProvider; keep one "
+                "ONNX Runtime: pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu")
+    return None
+
+
+_WARNED: set[str] = set()
+
+
 def default_providers(available: Sequence[str] | None = None) -> list[str]:
-    """The preferred ONNX Runtime providers that are installed: TensorRT EP, CUDA EP, then CPU."""
+    """The preferred ONNX Runtime providers that are installed: TensorRT EP, CUDA EP, then CPU (with a warning,
+    once, when a GPU build is installed but shadowed: see :func:`install_problem`)."""
     if available is None:
+        import importlib.metadata as md
+
         import onnxruntime as ort
 
         available = ort.get_available_providers()
+        names = {(d.metadata["Name"] or "").lower() for d in md.distributions()
+                 if (d.metadata["Name"] or "").lower().startswith("onnxruntime")}
+        problem = install_problem(names, available)
+        if problem and problem not in _WARNED:
+            _WARNED.add(problem)
+            log.warning(problem)
     chosen = [p for p in PREFERRED_PROVIDERS if p in available]
     return chosen or list(available)
 

@@ -10,7 +10,7 @@ import torch
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
 from ctxsim.export import OnnxRunner, open_runner
-from ctxsim.export.runners import default_providers
+from ctxsim.export.runners import default_providers, install_problem
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -88,3 +88,13 @@ def test_engine_without_tensorrt_is_missing_dependency(tmp_path):
     engine.write_bytes(b"\0" * 64)
     with pytest.raises(MissingDependency, match=r"pip install 'ctxsim\[trt\]'"):
         open_runner(engine)
+
+
+def test_a_shadowed_gpu_onnxruntime_is_named():
+    cpu_only = ["AzureExecutionProvider", "CPUExecutionProvider"]
+    assert install_problem({"onnxruntime"}, cpu_only) is None  # a CPU machine: fine
+    assert install_problem({"onnxruntime-gpu"}, ["CUDAExecutionProvider", "CPUExecutionProvider"]) is None
+    msg = install_problem({"onnxruntime", "onnxruntime-gpu"}, cpu_only)  # both wheels, the CPU one won
+    assert msg and "onnxruntime-gpu is installed and the CPU wheel onnxruntime" in msg and "pip uninstall" in msg
+    assert "is installed, but" in install_problem({"onnxruntime-gpu"}, cpu_only)  # e.g. no CUDA libraries
+    assert default_providers()[-1] == "CPUExecutionProvider"  # the real detection path runs on this machine
