@@ -77,6 +77,13 @@ INVESTIGATE = [  # label, hybrid params, lr (None = hybrid's picked lr), warm-up
     ("lam 0.2", {"lam": 0.2}, 3e-3, 0),
 ]
 NOISE_METHODS = ["hybrid", "hybrid-m0.9", "contrastive", "multisimilarity"]
+NOISE_INVESTIGATE = [  # label, hybrid params, lr (None = hybrid's picked lr): paper settings under 20% noise, seed 0
+    ("lam 0: the margin-0.75/0.6 contrastive term + regulariser alone", {"lam": 0.0}, None),
+    ("lam 1: the contextual term + regulariser alone", {"lam": 1.0}, None),
+    ("no regulariser (gamma 0)", {"gamma": 0.0}, None),
+    ("lr 3e-4 (a third of the picked lr)", {}, 3e-4),
+    ("positive margin 0.9, same lr", {"pos_margin": 0.9}, None),
+]
 TUNED_LAMS = [0.0, 0.2, 0.4, 0.6, 1.0]  # lam sweep again with the positive margin 0.9
 LITE0_METHODS = ["hybrid", "hybrid-m0.9", "contrastive", "multisimilarity"]
 
@@ -261,6 +268,10 @@ def plan(mode: str, part: str, data_root: Path, seeds: int, methods=None, lrs=No
                 lr = pick_lr(mode, "main", me, LR_GRID, data_root)
                 if lr is not None:
                     specs.append(make_spec(mode, "noise0.2", me, lr, s, data_root, noise=0.2))
+    elif part == "noise-investigate":
+        lr = pick_lr(mode, "main", "hybrid", LR_GRID, data_root)
+        if lr is not None:
+            specs = [noise_investigate_spec(mode, params, lr_i or lr, data_root) for _, params, lr_i in NOISE_INVESTIGATE]
     elif part == "lite0":  # the lr grid at seed 0, then the other seeds at each method's picked lr
         specs = [make_spec(mode, "lite0", me, lr, 0, data_root, lite0=True)
                  for me in LITE0_METHODS for lr in LITE0_LR_GRID]
@@ -288,6 +299,24 @@ def investigate_spec(mode, params, lr, warmup, data_root, seed=0) -> dict:
     if warmup:
         tag += f"_warmup{warmup}"
     return make_spec(mode, f"investigate/{tag}", "hybrid", lr, seed, data_root, params=params, warmup=warmup)
+
+
+def noise_investigate_spec(mode, params, lr, data_root, seed=0) -> dict:
+    """The paper-settings hybrid under 20% label noise with one change (``params`` or another ``lr``)."""
+    tag = "_".join(f"{k}{v:g}" for k, v in params.items()) or "default"
+    return make_spec(mode, f"noise0.2-investigate/{tag}", "hybrid", lr, seed, data_root, params=params, noise=0.2)
+
+
+def clean_counterpart(mode, noisy, data_root) -> dict:
+    """The cached run with the same loss settings, lr and seed as ``noisy``, without label noise."""
+    o = noisy["overrides"]
+    params, lr, seed = o["loss"]["params"], noisy["lr"], noisy["seed"]
+    for me, (_, _, p, _) in METHODS.items():
+        if o["loss"]["name"] == METHODS[me][1] and params == {**p}:
+            return make_spec(mode, "main", me, lr, seed, data_root)
+    changed = {k: v for k, v in params.items() if HYBRID.get(k) != v}
+    name = next(iter(changed))
+    return ablation_spec(mode, name, "", changed, lr, seed, data_root)
 
 
 def ablation_spec(mode, name, label, params, lr, seed, data_root) -> dict:
@@ -510,6 +539,30 @@ def mode_report(mode: str, data_root: Path) -> list[str]:
               "clean data; mean ± std where more than one seed ran)", "",
               "| method | lr | clean test R@1 (main table) | noisy test R@1 | change | noisy MAP@R |", "|---|---|---|---|---|---|",
               *rows, ""]
+    lr_h = pick_lr(mode, "main", "hybrid", LR_GRID, data_root)
+    rows = []
+    if lr_h is not None:
+        cases = [("paper settings (as in the table above)", make_spec(mode, "noise0.2", "hybrid", lr_h, 0, data_root,
+                                                                      noise=0.2), lr_h)]
+        cases += [(label, noise_investigate_spec(mode, params, lr_i or lr_h, data_root), lr_i or lr_h)
+                  for label, params, lr_i in NOISE_INVESTIGATE]
+        lr_9 = pick_lr(mode, "main", "hybrid-m0.9", LR_GRID, data_root)
+        if lr_9 is not None:
+            cases.append(("positive margin 0.9 at its own lr (hybrid-m0.9, as in the table above)",
+                          make_spec(mode, "noise0.2", "hybrid-m0.9", lr_9, 0, data_root, noise=0.2), lr_9))
+        for label, spec, lr_c in cases:
+            r, c = load_result(spec), load_result(clean_counterpart(mode, spec, data_root))
+            if r and not r["error"] and r["final"]:
+                f = r["final"]
+                clean = f"{100 * c['final']['test/R@1']:.1f}" if c and c["final"] else "–"
+                drop = f"{100 * (f['test/R@1'] - c['final']['test/R@1']):+.1f}" if c and c["final"] else "–"
+                rows.append(f"| {label} | {lr_c:g} | {clean} | {100 * f['test/R@1']:.1f} | {drop} | "
+                            f"{100 * f['test/MAP@R']:.1f} |")
+    if len(rows) > 2:
+        L += ["#### Label noise: which part of the paper-settings hybrid collapses (20% noise, seed 0, one change "
+              "at a time; clean = the same settings without noise, from the tables above)", "",
+              "| variant | lr | clean test R@1 | noisy test R@1 | change | noisy MAP@R |", "|---|---|---|---|---|---|",
+              *rows, ""]
     # lite0
     rows = []
     for me in LITE0_METHODS:
@@ -603,7 +656,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=None, help="override the mode's number of seeds")
     ap.add_argument("--parts", default=None,
                     help="comma-separated, run in this order: main (lr grid), seeds, ablations, warmup, investigate, tuned, noise, "
-                         "lite0 "
+                         "noise-investigate, lite0 "
                          "(default: all of them; with --quick: main)")
     ap.add_argument("--methods", default=None, help="main and seeds parts: a comma-separated subset of "
                     + ",".join(METHODS))
@@ -617,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
         print(time.strftime("%H:%M:%S"), msg, flush=True)
 
     if not args.report_only:
-        parts = args.parts or ("main" if args.quick else "main,seeds,ablations,warmup,investigate,tuned,noise,lite0")
+        parts = args.parts or ("main" if args.quick else
+                               "main,seeds,ablations,warmup,investigate,tuned,noise,noise-investigate,lite0")
         for part in parts.split(","):
             specs = plan(mode, part.strip(), args.data, seeds,
                          methods=args.methods.split(",") if args.methods else None,
