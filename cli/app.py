@@ -12,7 +12,8 @@ import typer
 
 from ctxsim.errors import CtxsimError
 
-from ctxsim.cli.console import TrainingDisplay, console, err_console, metrics_table, new_progress, progress_callback
+from ctxsim.cli.console import (TrainingDisplay, console, err_console, metrics_table, new_progress, progress_callback,
+                                show_logs)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Contextual-similarity metric learning: train, evaluate, export, index and search.")
@@ -127,6 +128,7 @@ _register_deploy(app)
 
 
 def main() -> None:
+    show_logs()  # warnings (skipped images, a shadowed GPU runtime, ...) in the console's format
     try:
         app()
     except CtxsimError as e:

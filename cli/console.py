@@ -1,10 +1,12 @@
 """Terminal rendering shared by the commands: rich tables, progress bars, and a callback adapter for training."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -13,6 +15,16 @@ import sys
 # piped output (CI logs, `| tee`) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
 err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+def show_logs(level: int = logging.WARNING) -> None:
+    """Print the library's log records (logger "ctxsim") at ``level`` and above on stderr, through rich (so they
+    do not tear progress bars); once per process."""
+    log = logging.getLogger("ctxsim")
+    if not any(isinstance(h, RichHandler) for h in log.handlers):
+        log.addHandler(RichHandler(console=err_console, show_path=False, show_time=True, markup=False))
+        log.propagate = False  # no second copy through the root logger's last-resort handler
+    log.setLevel(level)
 
 
 def metrics_table(title: str, rows: dict[str, dict[str, float]]) -> Table:

@@ -17,7 +17,7 @@ def _csv(value: str) -> list[str]:
 
 def _print_skipped(skipped: list) -> None:
     if skipped:
-        err_console.print(f"[yellow]skipped {len(skipped)} unreadable image(s):[/yellow]")
+        err_console.print(f"[yellow]unreadable, not indexed ({len(skipped)}):[/yellow]")
         for path, reason in skipped[:20]:
             err_console.print(f"  {path}: {reason}", highlight=False)
         if len(skipped) > 20:
@@ -171,8 +171,12 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info); picks up what
         `ctxsim index add` writes without a restart."""
+        import logging
+
+        from ctxsim.cli.console import show_logs
         from ctxsim.deploy.serve import serve
 
+        show_logs(logging.INFO)  # a long-running server says when it reloads the index
         console.print(f"serving {index_dir} on http://{host}:{port}" + (" (token required)" if token else ""))
         serve(index_dir, host=host, port=port, token=token, model=model,
               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch,

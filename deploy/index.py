@@ -392,7 +392,7 @@ def embed_gallery(embedder: Any, gallery: Any, progress: Callable[[int, int], No
             images, ok, skipped = load_images([it.path for it in chunk])
             emb = embedder.embed(images) if images else None
         for path, reason in skipped:
-            logger.warning("skipping unreadable image %s: %s", path, reason)
+            logger.debug("skipping unreadable image %s: %s", path, reason)
         bad.extend(skipped)
         if ok:
             embs.append(emb)
@@ -400,6 +400,8 @@ def embed_gallery(embedder: Any, gallery: Any, progress: Callable[[int, int], No
         if progress is not None:
             progress(min(start + bs, total), total)
     g.skipped = bad
+    if bad:  # one line, however many: the list is in the result's .skipped
+        logger.warning("skipped %d unreadable image(s) of %d; first: %s (%s)", len(bad), total, *bad[0])
     if not kept:
         raise DataError(f"no readable images in the gallery ({len(bad)} unreadable, first: "
                         f"{bad[0][0] if bad else '-'}); check the paths")

@@ -33,7 +33,7 @@ def test_list_file(tmp_path, gallery_dir):
         open_gallery(tmp_path / "missing")
 
 
-def test_unreadable_images_are_reported_and_skipped(tmp_path, gallery_dir, run_dir):
+def test_unreadable_images_are_reported_and_skipped(tmp_path, gallery_dir, run_dir, caplog):
     g = tmp_path / "g"
     shutil.copytree(gallery_dir, g)
     cls = sorted(p for p in g.iterdir())[0]
@@ -41,7 +41,10 @@ def test_unreadable_images_are_reported_and_skipped(tmp_path, gallery_dir, run_d
     (cls / "zz_text.jpg").write_text("not an image")
     lst = tmp_path / "list.txt"
     lst.write_text("\n".join([str(p) for p in sorted(cls.glob("*.png"))] + [str(tmp_path / "gone.png")]) + "\n")
-    info = build_index(g, run_dir, tmp_path / "idx")
+    with caplog.at_level("WARNING", logger="ctxsim"):
+        info = build_index(g, run_dir, tmp_path / "idx")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith("skipped 2 unreadable image(s) of 242")  # one line
     bad = dict(info.skipped)
     assert set(bad) == {str(cls / "zz_truncated.png"), str(cls / "zz_text.jpg")}
     assert all(reason for reason in bad.values())
