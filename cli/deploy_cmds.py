@@ -187,7 +187,8 @@ def register(app: typer.Typer) -> None:
     def bench_cmd(
         run_dir: Path = typer.Argument(..., help="A run folder (its export/ folder is used when present)."),
         backends: str = typer.Option("torch,onnx,tensorrt", help="Comma-separated backends."),
-        precisions: str = typer.Option("fp32,fp16", help="Comma-separated precisions."),
+        precisions: str = typer.Option("fp32,fp16", help="Comma-separated: fp32, fp16, int8 (ONNX int8 is "
+                                                          "quantised when the export folder has none)."),
         batches: str = typer.Option("1,32", help="Batch sizes; latency at 1, throughput at the largest."),
         index_types: str = typer.Option("flat,ivf,ivfpq,hnsw,torch", help="Index types to measure."),
         limit: Optional[int] = typer.Option(None, help="At most this many evaluation images."),

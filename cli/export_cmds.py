@@ -51,12 +51,16 @@ def register(app: typer.Typer) -> None:
         run_dir: Path = typer.Argument(..., help="A run folder from `ctxsim train`."),
         out: Optional[Path] = typer.Option(None, help="Export folder (default: RUN_DIR/export)."),
         fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write model.fp16.onnx."),
+        int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (ONNX Runtime static "
+                                                        "quantisation, QDQ; calibrated on --calib or the run's "
+                                                        "training images)."),
         simplify: bool = typer.Option(False, help="Simplify the graphs with onnxslim."),
         input_format: str = typer.Option("float_nchw", help="float_nchw, or uint8_nhwc (normalisation in the graph)."),
         opset: int = typer.Option(17, help="ONNX opset."),
         trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs TensorRT and a GPU)."),
         precision: str = typer.Option("fp16", help="TensorRT engine precision: fp32, fp16 or int8."),
-        calib: Optional[Path] = typer.Option(None, help="Folder of calibration images (int8)."),
+        calib: Optional[Path] = typer.Option(None, help="Folder of calibration images (int8 engine; --int8 ONNX "
+                                                        "defaults to the run's training images)."),
         max_batch: int = typer.Option(64, help="Largest batch of the engine profile and of Triton."),
         workspace_gb: float = typer.Option(2.0, help="TensorRT builder workspace (GiB)."),
         timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read and updated)."),
@@ -66,14 +70,14 @@ def register(app: typer.Typer) -> None:
         data: Optional[str] = typer.Option(None, help="Dataset root, if it moved since training."),
         thresholds: Optional[str] = typer.Option(None, help="Override parity thresholds: key=value,..."),
     ) -> None:
-        """Export a run to ONNX (+fp16, +TensorRT), check parity, write Triton repository and manifest.json.
+        """Export a run to ONNX (+fp16, +int8, +TensorRT), check parity, write Triton repository and manifest.json.
 
         Exits 1 when a parity check fails (the artifacts are written and the report is in parity.json)."""
         from ctxsim.export import export_run
 
         out_dir = out or run_dir / "export"
         with progress_callback("export") as progress:
-            result = export_run(run_dir, out_dir, fp16=fp16, simplify=simplify, input_format=input_format,
+            result = export_run(run_dir, out_dir, fp16=fp16, int8=int8, simplify=simplify, input_format=input_format,
                                 opset=opset, trt=trt, precision=precision, calib_images=calib, max_batch=max_batch,
                                 workspace_gb=workspace_gb, timing_cache=timing_cache, triton=triton, parity=parity,
                                 parity_limit=limit, data_root=data, thresholds=thresholds, progress=progress)

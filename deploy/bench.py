@@ -192,11 +192,19 @@ def _export_onnx_fn() -> Callable[..., Any]:
 
 
 def _onnx_artifact(run_dir: Path, precision: str, tmp: Path) -> Path:
-    """run_dir/export/model[.fp16].onnx if present, else exported (fp32 and fp16 together) into ``tmp``."""
-    name = "model.fp16.onnx" if precision == "fp16" else "model.onnx"
+    """run_dir/export/model[.fp16|.int8].onnx if present, else exported (fp32 and fp16 together) into ``tmp``;
+    int8 is quantised from model.onnx, calibrated on the run's training images."""
+    name = {"fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}.get(precision, "model.onnx")
     for folder in (run_dir / "export", tmp / "onnx"):
         if (folder / name).exists():
             return folder / name
+    if precision == "int8":
+        from ctxsim.export.onnx_export import read_onnx_contract
+        from ctxsim.export.quantize import image_batches, quantize_onnx, run_calibration_images
+
+        fp32 = _onnx_artifact(run_dir, "fp32", tmp)
+        batches = image_batches(run_calibration_images(run_dir), read_onnx_contract(fp32))
+        return quantize_onnx(fp32, batches, out_path=tmp / "onnx" / name)
     result = _export_onnx_fn()(run_dir, tmp / "onnx", fp16=True)
     path = getattr(result, "fp16_path" if precision == "fp16" else "onnx_path", None) or tmp / "onnx" / name
     if not Path(path).exists():
@@ -225,6 +233,10 @@ def _skip_reason(backend: str, precision: str, device: str) -> str | None:
             return "TensorRT not installed"
         if not torch.cuda.is_available():
             return "TensorRT needs a CUDA GPU"
+    if precision not in ("fp32", "fp16", "int8"):
+        return f"unknown precision {precision}"
+    if backend == "torch" and precision == "int8":
+        return "int8 is for ONNX Runtime and TensorRT"
     if backend == "torch" and precision != "fp32" and (device == "cpu" or not torch.cuda.is_available()):
         return f"{precision} needs CUDA"
     return None

@@ -10,6 +10,7 @@ from ctxsim.export.manifest import read_manifest, verify_manifest, write_manifes
 from ctxsim.export.onnx_export import ExportResult, export_onnx, read_onnx_contract
 from ctxsim.export.parity import (DEFAULT_THRESHOLDS, ParityReport, assert_parity, check_parity,
                                   parse_thresholds)
+from ctxsim.export.quantize import quantize_onnx
 from ctxsim.export.runners import OnnxRunner, open_runner
 from ctxsim.export.tensorrt import build_engine, check_engine_compatible
 from ctxsim.export.triton import parse_pbtxt, write_triton_repository
@@ -17,6 +18,6 @@ from ctxsim.export.triton import parse_pbtxt, write_triton_repository
 __all__ = [
     "DEFAULT_THRESHOLDS", "ExportResult", "OnnxRunner", "ParityReport", "assert_parity", "build_contract",
     "build_engine", "check_engine_compatible", "check_parity", "export_onnx", "export_run", "open_runner",
-    "parse_pbtxt", "parse_thresholds", "preprocess_batch", "read_manifest", "read_onnx_contract",
+    "parse_pbtxt", "parse_thresholds", "preprocess_batch", "quantize_onnx", "read_manifest", "read_onnx_contract",
     "verify_manifest", "write_manifest", "write_triton_repository",
 ]

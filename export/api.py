@@ -6,12 +6,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from ctxsim.errors import ConfigError
+from ctxsim.io import sha256_file
 from ctxsim.export.onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
 
 log = logging.getLogger(__name__)
 
 
-def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, simplify: bool = False,
+def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8: bool = False, simplify: bool = False,
                input_format: str = "float_nchw", opset: int | None = DEFAULT_OPSET, trt: bool = False,
                precision: str = "fp16", calib_images: str | Path | None = None, min_batch: int = 1,
                opt_batch: int = 16, max_batch: int = 64, workspace_gb: float = 2.0,
@@ -21,7 +22,8 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, simp
                progress: Callable[[int, int], None] | None = None) -> ExportResult:
     """Export a run folder and check the artifacts, in order:
 
-    1. ``model.onnx`` (+ ``model.fp16.onnx`` with ``fp16``), contract in the metadata;
+    1. ``model.onnx`` (+ ``model.fp16.onnx`` with ``fp16``; + ``model.int8.onnx`` with ``int8``: ONNX Runtime
+       static quantisation calibrated on ``calib_images`` or the run's training images), contract in the metadata;
     2. with ``trt``: ``model.<precision>.engine`` + sidecar from model.onnx (needs TensorRT and a GPU;
        ``calib_images`` for int8);
     3. with ``parity``: each artifact against the PyTorch fp32 model on the run's evaluation images
@@ -51,6 +53,14 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, simp
 
         current_device()
     result = export_onnx(run_dir, out_dir, opset=opset, fp16=fp16, simplify=simplify, input_format=input_format)
+    if int8:
+        from ctxsim.export.quantize import image_batches, quantize_onnx, run_calibration_images
+        from ctxsim.export.tensorrt import calibration_batches
+
+        batches = (calibration_batches(calib_images, result.contract, 32, 256) if calib_images is not None
+                   else image_batches(run_calibration_images(run_dir, 256, data_root), result.contract))
+        result.int8_path = quantize_onnx(result.onnx_path, batches)
+        result.sha256[result.int8_path.name] = sha256_file(result.int8_path)
     step("onnx")
 
     if trt:

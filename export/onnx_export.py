@@ -44,6 +44,7 @@ class ExportResult:
     contract: dict[str, Any]
     fingerprint: str
     fp16_path: Path | None = None
+    int8_path: Path | None = None                                # model.int8.onnx (export_run with int8)
     sha256: dict[str, str] = field(default_factory=dict)       # file name -> sha256
     exporter: str = "torchscript"
     opset: int = DEFAULT_OPSET
@@ -59,12 +60,13 @@ class ExportResult:
         return bool(self.parity) and all(r.passed for r in self.parity.values())
 
     def artifacts(self) -> list[Path]:
-        return [p for p in (self.onnx_path, self.fp16_path, self.engine_path) if p is not None]
+        return [p for p in (self.onnx_path, self.fp16_path, self.int8_path, self.engine_path) if p is not None]
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "out_dir": str(self.out_dir), "onnx": str(self.onnx_path),
             "onnx_fp16": str(self.fp16_path) if self.fp16_path else None,
+            "onnx_int8": str(self.int8_path) if self.int8_path else None,
             "engine": str(self.engine_path) if self.engine_path else None,
             "triton": str(self.triton_dir) if self.triton_dir else None,
             "manifest": str(self.manifest_path) if self.manifest_path else None,

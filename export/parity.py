@@ -392,6 +392,10 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
         tie = limits.get("tie_margin", 0.0)
         retrieval["ties"] = r1_flips(margins_ref, margins_art, tie)
         retrieval["ties"]["examples"] = flip_examples(ref, art, labels, margins_ref, margins_art, tie)
+        share = retrieval["ties"]["near_tied"] / max(1, int((~np.isnan(margins_ref)).sum()))
+        if share > 0.1:  # e.g. an untrained model, whose embeddings all sit in a narrow cone
+            log.warning("%.0f%% of the queries are near-ties (reference margin < tie_margin %g): ΔR@1 judges only "
+                        "the rest; pass a smaller tie_margin to count them", 100 * share, tie)
         if flips_grid is not None and retrieval["ties"]["examples"]:
             write_flips_grid(retrieval["ties"]["examples"], raw, flips_grid)
         cross_r1 = cross_recall_at_1(art, ref, labels)

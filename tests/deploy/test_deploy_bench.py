@@ -42,3 +42,16 @@ def test_bench_table(tmp_path, run_dir):
     assert data["machine"]["cores"] >= 1 and len(data["rows"]) == 6
     md = (tmp_path / "bench.md").read_text()
     assert "| backend | precision |" in md and "TensorRT" in md and data["machine"]["cpu"] in md
+
+
+def test_bench_int8_onnx_row_is_the_quantised_model(tmp_path, run_dir):
+    from ctxsim.deploy import bench
+
+    report = bench(run_dir, backends=("torch", "onnx"), precisions=("fp32", "int8"), batches=(1, 8), limit=200,
+                   out_dir=tmp_path, index_types=("flat",), time_budget_s=0.2)
+    rows = {(r.backend, r.precision): r for r in report.rows}
+    assert rows[("torch", "int8")].status == "skipped: int8 is for ONNX Runtime and TensorRT"
+    q = rows[("onnx", "int8")]
+    assert q.status == "ok", q.status
+    assert q.artifact.endswith("model.int8.onnx") and q.runner.startswith("onnxruntime")
+    assert q.size_mb < rows[("onnx", "fp32")].size_mb  # int8 weights: a smaller file than fp32's
