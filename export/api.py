@@ -66,7 +66,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8
     if trt:
         from ctxsim.export.tensorrt import build_engine
 
-        build = build_engine(result.onnx_path, out_dir, precision=precision, calib_images=calib_images,
+        # int8 with the Q/DQ file at hand: its scales, no TensorRT calibrator (explicit quantisation)
+        source = result.int8_path if precision == "int8" and result.int8_path is not None else result.onnx_path
+        build = build_engine(source, out_dir, precision=precision, calib_images=calib_images,
                              min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
                              workspace_gb=workspace_gb, timing_cache=timing_cache)
         result.engine_path, result.engine_sidecar = build.path, build.sidecar

@@ -186,6 +186,26 @@ def engine_sidecar(device: Mapping[str, str], precision: str, profile: Mapping[s
     }
 
 
+def engine_mode(onnx_precision: str, precision: str, have_calib_images: bool, have_calib_cache: bool) -> str:
+    """How an engine of ``precision`` is built from an ONNX file of ``onnx_precision`` (pure, tested without
+    TensorRT): "explicit" for a Q/DQ int8 file (``ctxsim export --int8``: its scales are in the graph, no
+    calibrator), "calibrate" for int8 from fp32 (TensorRT's calibrator), "plain" otherwise."""
+    if onnx_precision == "int8":
+        if precision != "int8":
+            raise ConfigError("model.int8.onnx holds int8 scales: build it with precision int8, or build "
+                              f"{precision} from the fp32 model.onnx")
+        return "explicit"
+    if onnx_precision != "fp32":
+        raise ConfigError(f"build engines from the fp32 model.onnx (or model.int8.onnx for int8), not an "
+                          f"{onnx_precision} file (TensorRT picks fp16/int8 kernels itself)")
+    if precision == "int8":
+        if not (have_calib_images or have_calib_cache):
+            raise ConfigError("an int8 engine needs calibration images (--calib FOLDER), a calibration cache, or "
+                              "the Q/DQ model.int8.onnx (ctxsim export --int8)")
+        return "calibrate"
+    return "plain"
+
+
 def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "fp16",
                  calib_images: str | Path | None = None, min_batch: int = 1, opt_batch: int = 16,
                  max_batch: int = 64, workspace_gb: float = 2.0, timing_cache: str | Path | None = None,
@@ -193,10 +213,12 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
                  calib_algorithm: str = "entropy") -> EngineBuild:
     """Build ``out_dir/model.<precision>.engine`` (+ sidecar JSON) from a ctxsim ONNX file on this GPU.
 
-    ``precision`` fp32 | fp16 | int8. INT8 needs ``calib_images`` (a folder of representative real images,
-    preprocessed with the model's contract; entropy calibration, or ``calib_algorithm="minmax"``) or an existing
-    ``calib_cache``; layers without INT8 kernels fall back to fp16. ``timing_cache`` (a file) is read if present
-    and written back after the build. The batch profile is [min_batch, opt_batch, max_batch].
+    ``precision`` fp32 | fp16 | int8. INT8 from model.onnx needs ``calib_images`` (a folder of representative real
+    images, preprocessed with the model's contract; entropy calibration, or ``calib_algorithm="minmax"``) or an
+    existing ``calib_cache``; layers without INT8 kernels fall back to fp16. INT8 from the Q/DQ model.int8.onnx
+    uses the scales in the graph (explicit quantisation, strongly typed network, no calibrator). ``timing_cache``
+    (a file) is read if present and written back after the build. The batch profile is [min_batch, opt_batch,
+    max_batch].
     """
     from ctxsim.export.onnx_export import read_onnx_contract
 
@@ -208,19 +230,18 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
         raise ConfigError(f"calib_algorithm must be entropy or minmax, got {calib_algorithm!r}")
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     contract = read_onnx_contract(onnx_path)
-    if contract.get("precision") != "fp32":
-        raise ConfigError(f"build engines from the fp32 model.onnx, not {onnx_path.name} "
-                          "(TensorRT picks fp16/int8 kernels itself)")
     # a calibration cache is only valid for the model it was made with: the default name carries its fingerprint
     cache_file = Path(calib_cache) if calib_cache else out_dir / f"calibration.{contract['fingerprint']}.cache"
-    if precision == "int8" and calib_images is None and not cache_file.is_file():
-        raise ConfigError("an int8 engine needs calibration images (--calib FOLDER) or a calibration cache")
+    explicit = engine_mode(contract.get("precision", "fp32"), precision, calib_images is not None,
+                           cache_file.is_file()) == "explicit"
     trt = import_tensorrt()
     device = current_device()
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    # explicit batch is the only mode in TensorRT 10; a Q/DQ graph is built strongly typed, its types decide
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if explicit else 0
+    network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
         errors = "; ".join(str(parser.get_error(i)) for i in range(min(parser.num_errors, 3)))
@@ -233,9 +254,9 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
     profile = builder.create_optimization_profile()
     profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(profile)
-    if precision in ("fp16", "int8"):
+    if precision in ("fp16", "int8") and not explicit:  # strongly typed networks take no precision flags
         config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8":
+    if precision == "int8" and not explicit:
         config.set_flag(trt.BuilderFlag.INT8)
         batches: Iterator[np.ndarray] = (calibration_batches(calib_images, contract, calib_batch_size, calib_limit)
                                          if calib_images is not None else iter(()))

@@ -96,6 +96,21 @@ def test_build_engine_checks_options_first(tmp_path, convnet_export):
         build_engine(convnet_export.onnx_path, tmp_path, precision="int8")
 
 
+def test_engine_mode_picks_explicit_quantisation_for_the_qdq_file():
+    from ctxsim.export.tensorrt import engine_mode
+
+    assert engine_mode("int8", "int8", False, False) == "explicit"  # model.int8.onnx: scales in the graph
+    assert engine_mode("fp32", "int8", True, False) == "calibrate"
+    assert engine_mode("fp32", "int8", False, True) == "calibrate"  # a cache from an earlier calibration
+    assert engine_mode("fp32", "fp16", False, False) == "plain"
+    with pytest.raises(ConfigError, match="build it with precision int8"):
+        engine_mode("int8", "fp16", False, False)
+    with pytest.raises(ConfigError, match="model.int8.onnx"):
+        engine_mode("fp32", "int8", False, False)
+    with pytest.raises(ConfigError, match="not an fp16 file"):
+        engine_mode("fp16", "fp16", False, False)
+
+
 # ------------------------------------------------------------------------------------ needs TensorRT + CUDA
 @pytest.mark.tensorrt
 @NEEDS_TRT
@@ -133,5 +148,20 @@ def test_int8_engine_with_calibration_passes_int8_thresholds(tmp_path, convnet_r
                          calib_batch_size=8)
     assert build.sidecar["precision"] == "int8"
     assert list(tmp_path.glob("calibration.*.cache"))
+    report = check_parity(convnet_run, build.path, limit=400)
+    assert report.passed, report.failures
+
+
+@pytest.mark.tensorrt
+@NEEDS_TRT
+def test_int8_engine_from_the_qdq_onnx_needs_no_calibrator(tmp_path, convnet_run, convnet_export):
+    from ctxsim.export import check_parity, quantize_onnx
+    from ctxsim.export.quantize import image_batches, run_calibration_images
+
+    qdq = quantize_onnx(convnet_export.onnx_path, image_batches(run_calibration_images(convnet_run, 128),
+                                                                convnet_export.contract),
+                        out_path=tmp_path / "model.int8.onnx")
+    build = build_engine(qdq, tmp_path, precision="int8")
+    assert build.sidecar["precision"] == "int8" and not list(tmp_path.glob("calibration.*.cache"))
     report = check_parity(convnet_run, build.path, limit=400)
     assert report.passed, report.failures
