@@ -6,6 +6,7 @@ Endpoints (``create_app``):
   returns ``{"k", "results": [{"rank", "score", "id", "path", "label"}], "fingerprint", "index_type"}``.
 - ``POST /embed``: multipart upload; returns ``{"embedding": [...], "dim", "fingerprint"}``.
 - ``GET /healthz``: ``{"status": "ok"}`` (never needs the token, for load balancers).
+- ``GET /metrics``: Prometheus text format (``ctxsim.deploy.metrics``): requests, latency, batch sizes, index.
 - ``GET /info``: model fingerprint, backend, index type/count/dim/params/generation, batching counters
   (``batching.requests``, ``batching.batches``, ``batching.max_batch_seen``) and reload state (``reload``).
 
@@ -73,10 +74,12 @@ class _HTTPError(Exception):
 class Batcher:
     """Collects concurrent embed/search requests into batches embedded by one worker thread."""
 
-    def __init__(self, embedder: Any, index: Any, max_batch: int = 32, wait_ms: float = 5.0) -> None:
+    def __init__(self, embedder: Any, index: Any, max_batch: int = 32, wait_ms: float = 5.0,
+                 on_batch: Any = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.embedder, self.index = embedder, index
+        self.on_batch = on_batch  # (batch size, seconds) after each batch, e.g. ServeMetrics.observe_batch
         self.max_batch, self.wait_s = int(max_batch), max(0.0, float(wait_ms)) / 1000.0
         self.requests = 0
         self.batches = 0
@@ -146,6 +149,7 @@ class Batcher:
 
     def _work(self, batch: list[tuple[Image.Image, int | None]]) -> list[tuple[np.ndarray, list | None]]:
         index = self.index  # one index for the whole batch, even if a reload swaps it meanwhile
+        t0 = time.perf_counter()
         emb = self.embedder.embed([im for im, _ in batch])  # one call for the whole batch
         with self._lock:
             self.batches += 1
@@ -163,6 +167,8 @@ class Batcher:
                          "label": items[t].label}
                         for j, (s, t) in enumerate(zip(scores[r][:k], ids[r][:k])) if t >= 0]
                 out[i] = (emb[i], hits)
+        if self.on_batch is not None:
+            self.on_batch(len(batch), time.perf_counter() - t0)
         return out
 
 
@@ -175,13 +181,14 @@ class IndexWatcher:
         self.every_s = float(every_s)
         self.generation = batcher.index.info.generation
         self.reloads = 0
+        self.failures = 0
         self.refused: int | None = None  # a generation that failed: not retried until another one appears
         self.last_error: str | None = None
         self._task: asyncio.Task | None = None
 
     def stats(self) -> dict:
         return {"every_s": self.every_s, "generation": self.generation, "reloads": self.reloads,
-                "last_error": self.last_error}
+                "failures": self.failures, "last_error": self.last_error}
 
     async def start(self) -> None:
         if self.every_s > 0:
@@ -214,6 +221,7 @@ class IndexWatcher:
             new.check_model(self.fingerprint)
         except Exception as e:  # noqa: BLE001 - a bad generation must not take the server down
             self.refused, self.last_error = generation, f"generation {generation} refused: {e}"
+            self.failures += 1
             logger.error("%s: %s; still serving generation %d", self.folder, self.last_error, self.generation)
             return False
         self.batcher.index = new
@@ -322,6 +330,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     from ctxsim import __version__
     from ctxsim.deploy.embedder import Embedder
     from ctxsim.deploy.index import Index, load_index
+    from ctxsim.deploy.metrics import MetricsMiddleware, ServeMetrics
 
     if max_upload_bytes < 1 or max_pixels < 1:
         raise ConfigError("max_upload_bytes and max_pixels must be positive")
@@ -341,6 +350,8 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     batcher = Batcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms)
     watcher = IndexWatcher(index_dir, batcher, embedder.fingerprint,
                            0.0 if isinstance(index_dir, Index) else reload_every_s)
+    metrics = ServeMetrics(max_batch, lambda: batcher.index.info, watcher.stats)
+    batcher.on_batch = metrics.observe_batch
     started = time.time()
 
     @contextlib.asynccontextmanager
@@ -355,6 +366,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
 
     app = FastAPI(title="ctxsim", version=__version__, lifespan=lifespan)
     app.state.batcher, app.state.watcher, app.state.embedder = batcher, watcher, embedder
+    app.state.metrics = metrics
 
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status)
@@ -404,6 +416,13 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
                                                         "max_pixels": max_pixels, "max_k": max_k},
                 "ctxsim_version": __version__, "uptime_s": round(time.time() - started, 1)}
 
+    @app.get("/metrics")
+    async def metrics_ep() -> Any:
+        from fastapi.responses import Response
+
+        body, content_type = metrics.render()
+        return Response(content=body, media_type=content_type)
+
     @app.post("/search")
     async def search_ep(image: UploadFile | None = File(None), file: UploadFile | None = File(None),
                         k_form: int | None = Form(None, alias="k"), k_query: int | None = Query(None, alias="k")
@@ -423,6 +442,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         return {"embedding": [float(x) for x in vec], "dim": int(vec.shape[0]), "fingerprint": embedder.fingerprint}
 
     app.add_middleware(_Guard, token=token, max_body=max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts what the guard refuses too
     return app
 
 

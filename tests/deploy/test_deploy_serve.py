@@ -210,7 +210,9 @@ def test_hot_reload_after_index_add_and_refusal_of_another_model(tmp_path, flat_
         build_index([new_image], other_run_dir, folder, "flat")  # same folder, another model
         info = _wait_for(url, lambda i: i["reload"]["last_error"] is not None)
         assert "refused" in info["reload"]["last_error"] and "model" in info["reload"]["last_error"]
-        assert info["index"]["count"] == 241 and info["reload"]["reloads"] == 1
+        assert info["index"]["count"] == 241 and info["reload"]["reloads"] == 1 and info["reload"]["failures"] == 1
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        assert "ctxsim_index_reload_failures_total 1.0" in metrics and "ctxsim_index_items 241.0" in metrics
         still = httpx.post(f"{url}/search", files=upload, data={"k": "1"}, timeout=30).json()["results"][0]
         assert still["path"] == str(new_image) and still["id"] == 240
 
@@ -224,3 +226,38 @@ def test_a_loaded_index_is_not_watched(flat_index):
     assert create_app(flat_index, precision="bf16").state.embedder.backend == "torch:cpu:bf16"
     with pytest.raises(ConfigError, match="reload_every_s"):
         create_app(flat_index, reload_every_s=-1)
+
+
+def test_prometheus_metrics(server, gallery_dir):
+    """GET /metrics (token required, like every endpoint but /healthz) counts requests by path and status, the
+    refused ones included, and reports batch sizes and the served index."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    url, _ = server
+
+    def scrape() -> dict:
+        r = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10)
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for fam in text_string_to_metric_families(r.text) for s in fam.samples}
+
+    before = scrape()
+    img = _one_image(gallery_dir)
+    for _ in range(3):
+        assert httpx.post(f"{url}/search", headers=AUTH, files={"image": (img.name, _png(img), "image/png")},
+                          timeout=30).status_code == 200
+    assert httpx.post(f"{url}/search", files={"image": (img.name, _png(img), "image/png")}, timeout=30).status_code == 401
+    assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401
+    after = scrape()
+
+    def delta(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("ctxsim_requests_total", path="/search", status="200") == 3
+    assert delta("ctxsim_requests_total", path="/search", status="401") == 1
+    assert delta("ctxsim_requests_total", path="/metrics", status="401") == 1
+    assert delta("ctxsim_request_seconds_count", path="/search") == 4
+    assert delta("ctxsim_batch_size_count") == 3 and delta("ctxsim_batch_size_sum") == 3  # one image per batch
+    assert after[("ctxsim_index_items", ())] == 240 and after[("ctxsim_index_generation", ())] >= 1
+    assert after[("ctxsim_index_reload_failures_total", ())] == 0

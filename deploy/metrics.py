@@ -1,0 +1,81 @@
+"""Prometheus metrics of ``ctxsim serve``: one registry per app, served at ``GET /metrics``.
+
+- ``ctxsim_requests_total{path, status}`` and ``ctxsim_request_seconds{path}``: every HTTP request, refused ones
+  (401, 413) included, timed from the first byte in to the last byte out;
+- ``ctxsim_batch_size`` and ``ctxsim_batch_seconds``: each dynamic batch the worker embedded (and searched);
+- ``ctxsim_index_items``, ``ctxsim_index_generation``, ``ctxsim_index_reloads_total``,
+  ``ctxsim_index_reload_failures_total``: the served index, read when scraped.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from ctxsim.errors import MissingDependency
+
+PATHS = ("/search", "/embed", "/info", "/healthz", "/metrics")  # anything else is labelled "other"
+
+
+class ServeMetrics:
+    """The app's metrics (``MetricsMiddleware`` feeds the request ones; ``observe_batch`` is the batcher's hook)."""
+
+    def __init__(self, max_batch: int, index_info: Callable[[], Any], reload_stats: Callable[[], dict]) -> None:
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError:
+            raise MissingDependency("serving needs prometheus-client: pip install 'ctxsim[serve]'") from None
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("ctxsim_requests", "HTTP requests", ["path", "status"], registry=r)
+        self.seconds = Histogram("ctxsim_request_seconds", "HTTP request time", ["path"], registry=r,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+        sizes = sorted({1, 2, 4, 8, 16, 32, 64, 128, 256, 512, int(max_batch)})
+        self.batch_size = Histogram("ctxsim_batch_size", "images per embedded batch", registry=r,
+                                    buckets=[s for s in sizes if s <= max_batch])
+        self.batch_seconds = Histogram("ctxsim_batch_seconds", "time to embed (and search) one batch", registry=r,
+                                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        Gauge("ctxsim_index_items", "items in the served index", registry=r).set_function(
+            lambda: index_info().count)
+        Gauge("ctxsim_index_generation", "generation of the served index", registry=r).set_function(
+            lambda: index_info().generation)
+        Gauge("ctxsim_index_reloads_total", "index generations swapped in since start", registry=r).set_function(
+            lambda: reload_stats()["reloads"])
+        Gauge("ctxsim_index_reload_failures_total", "index generations refused since start",
+              registry=r).set_function(lambda: reload_stats()["failures"])
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware recording each HTTP request's status and time into ``metrics`` (added last, so it
+    sees the requests the token and size guard refuse)."""
+
+    def __init__(self, app: Any, metrics: ServeMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        label = path if path in PATHS else "other"
+        status = {"code": 500}
+        t0 = time.perf_counter()
+
+        async def send_status(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.requests.labels(label, str(status["code"])).inc()
+            self.metrics.seconds.labels(label).observe(time.perf_counter() - t0)
