@@ -168,6 +168,9 @@ def register(app: typer.Typer) -> None:
         precision: str = typer.Option("fp32", help="PyTorch models: fp32, bf16, or fp16 (CUDA)."),
         compile: bool = typer.Option(False, "--compile", help="PyTorch models: torch.compile (max-autotune and CUDA "
                                                               "graphs on a GPU; minutes of tuning at start)."),
+        follow_model: bool = typer.Option(False, "--follow-model", help="An index generation built with another "
+                                          "model (retrained, re-indexed) brings that model along instead of being "
+                                          "refused."),
     ) -> None:
         """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info); picks up what
         `ctxsim index add` writes without a restart."""
@@ -181,7 +184,7 @@ def register(app: typer.Typer) -> None:
         serve(index_dir, host=host, port=port, token=token, model=model,
               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch,
               batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every, precision=precision,
-              compile=compile)
+              compile=compile, follow_model=follow_model)
 
     @app.command("bench", epilog="Example: ctxsim bench runs/omni --limit 2000")
     def bench_cmd(

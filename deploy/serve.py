@@ -23,8 +23,10 @@ while a batch is being embedded form the next batch.
 Hot reload: when the app serves an index *folder*, :class:`IndexWatcher` reads its ``index.json`` every
 ``reload_every_s`` seconds; when the generation changed (``ctxsim index add``, or a rebuild), it loads the new
 generation in a thread (sha256-verified), checks that its fingerprint is still the served model's, and swaps it
-in. A batch in flight finishes on the index it started with; a generation that fails to load or belongs to
-another model is refused once (logged, and shown in ``/info``) and the previous one keeps serving.
+in. With ``follow_model`` a generation built with another model (a retrained model's rebuilt index) brings that
+model along: it is opened from the path index.json records and the pair is swapped at once. A batch in flight
+finishes on the model and index it started with; a generation that fails to load, or belongs to another model
+without ``follow_model``, is refused once (logged, and shown in ``/info``) and the previous one keeps serving.
 """
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime, and the
 # endpoint types (UploadFile, ...) are imported inside create_app so that importing ctxsim.deploy stays light.
@@ -78,7 +80,7 @@ class Batcher:
                  on_batch: Any = None) -> None:
         if max_batch < 1:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
-        self.embedder, self.index = embedder, index
+        self.served = (embedder, index)  # swapped as one: a batch never mixes one model with another's index
         self.on_batch = on_batch  # (batch size, seconds) after each batch, e.g. ServeMetrics.observe_batch
         self.max_batch, self.wait_s = int(max_batch), max(0.0, float(wait_ms)) / 1000.0
         self.requests = 0
@@ -89,6 +91,18 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ctxsim-embed")
         self._lock = threading.Lock()
+
+    @property
+    def embedder(self) -> Any:
+        return self.served[0]
+
+    @property
+    def index(self) -> Any:
+        return self.served[1]
+
+    def swap(self, embedder: Any, index: Any) -> None:
+        """Serve ``index`` with ``embedder`` from the next batch on (a batch in flight keeps the old pair)."""
+        self.served = (embedder, index)
 
     def stats(self) -> dict:
         with self._lock:
@@ -106,8 +120,9 @@ class Batcher:
                 await self._task
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    async def submit(self, image: Image.Image, k: int | None) -> tuple[np.ndarray, list | None]:
-        """Embed one image (and search it when ``k`` is given) as part of the next batch."""
+    async def submit(self, image: Image.Image, k: int | None) -> tuple[np.ndarray, list | None, str]:
+        """Embed one image (and search it when ``k`` is given) as part of the next batch; returns (embedding,
+        hits or None, fingerprint of the model that embedded it)."""
         if self._queue is None:
             raise RuntimeError("the batcher is not running (app lifespan not started)")
         fut = asyncio.get_running_loop().create_future()
@@ -147,15 +162,16 @@ class Batcher:
                 if not fut.done():
                     fut.set_result(res)
 
-    def _work(self, batch: list[tuple[Image.Image, int | None]]) -> list[tuple[np.ndarray, list | None]]:
-        index = self.index  # one index for the whole batch, even if a reload swaps it meanwhile
+    def _work(self, batch: list[tuple[Image.Image, int | None]]) -> list[tuple[np.ndarray, list | None, str]]:
+        embedder, index = self.served  # one pair for the whole batch, even if a reload swaps it meanwhile
         t0 = time.perf_counter()
-        emb = self.embedder.embed([im for im, _ in batch])  # one call for the whole batch
+        emb = embedder.embed([im for im, _ in batch])  # one call for the whole batch
         with self._lock:
             self.batches += 1
             self.requests += len(batch)
             self.max_batch_seen = max(self.max_batch_seen, len(batch))
-        out: list[tuple[np.ndarray, list | None]] = [(emb[i], None) for i in range(len(batch))]
+        fp = embedder.fingerprint
+        out: list[tuple[np.ndarray, list | None, str]] = [(emb[i], None, fp) for i in range(len(batch))]
         rows = [i for i, (_, k) in enumerate(batch) if k is not None]
         if rows and index is not None:
             kmax = max(batch[i][1] for i in rows)
@@ -166,7 +182,7 @@ class Batcher:
                 hits = [{"rank": j + 1, "score": float(s), "id": int(t), "path": items[t].path,
                          "label": items[t].label}
                         for j, (s, t) in enumerate(zip(scores[r][:k], ids[r][:k])) if t >= 0]
-                out[i] = (emb[i], hits)
+                out[i] = (emb[i], hits, fp)
         if self.on_batch is not None:
             self.on_batch(len(batch), time.perf_counter() - t0)
         return out
@@ -176,9 +192,10 @@ class Batcher:
 class IndexWatcher:
     """Swaps ``batcher.index`` for the folder's newest generation (see the module docstring)."""
 
-    def __init__(self, folder: Any, batcher: Batcher, fingerprint: str, every_s: float) -> None:
-        self.folder, self.batcher, self.fingerprint = folder, batcher, fingerprint
+    def __init__(self, folder: Any, batcher: Batcher, every_s: float, open_model: Any = None) -> None:
+        self.folder, self.batcher = folder, batcher
         self.every_s = float(every_s)
+        self.open_model = open_model  # path -> Embedder: follow a generation built with another model
         self.generation = batcher.index.info.generation
         self.reloads = 0
         self.failures = 0
@@ -216,19 +233,30 @@ class IndexWatcher:
             return False
         if generation in (self.generation, self.refused):
             return False
+        loop = asyncio.get_running_loop()
+        embedder = self.batcher.embedder
         try:
-            new = await asyncio.get_running_loop().run_in_executor(None, load_index, self.folder)
-            new.check_model(self.fingerprint)
+            new = await loop.run_in_executor(None, load_index, self.folder)
+            if new.fingerprint != embedder.fingerprint and self.open_model is not None:
+                embedder = await loop.run_in_executor(None, self._open_model_of, new)
+            new.check_model(embedder.fingerprint)
         except Exception as e:  # noqa: BLE001 - a bad generation must not take the server down
             self.refused, self.last_error = generation, f"generation {generation} refused: {e}"
             self.failures += 1
             logger.error("%s: %s; still serving generation %d", self.folder, self.last_error, self.generation)
             return False
-        self.batcher.index = new
+        self.batcher.swap(embedder, new)
         self.generation, self.refused, self.last_error = new.info.generation, None, None
         self.reloads += 1
-        logger.info("%s: now serving generation %d (%d items)", self.folder, new.info.generation, new.info.count)
+        logger.info("%s: now serving generation %d (%d items, model %s)", self.folder, new.info.generation,
+                    new.info.count, embedder.fingerprint)
         return True
+
+    def _open_model_of(self, index: Any) -> Any:
+        model = index.info.model
+        if not model or not os.path.exists(model):
+            raise ConfigError(f"the model that built it ({model}) is not available here")
+        return self.open_model(model)
 
 
 # ---------------------------------------------------------------------------------------------- guard
@@ -313,12 +341,13 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_batch: int = 32, batch_wait_ms: float = 5.0, max_k: int = 1000, default_k: int = 10,
                device: str = "auto", reload_every_s: float = 2.0, precision: str = "fp32",
-               compile: bool = False) -> Any:
+               compile: bool = False, follow_model: bool = False) -> Any:
     """A FastAPI app serving ``index_dir`` (a folder or a loaded Index) with ``model`` (default: the index's).
 
     The model's fingerprint must match the index's (FingerprintMismatch otherwise). A folder is watched for new
-    generations every ``reload_every_s`` seconds (0: never); a loaded Index is served as it is. ``precision`` and
-    ``compile`` apply to a run folder served with PyTorch (see ``Embedder.from_artifact``).
+    generations every ``reload_every_s`` seconds (0: never; ``follow_model``: a generation built with another model
+    brings it along); a loaded Index is served as it is. ``precision`` and ``compile`` apply to a run folder served
+    with PyTorch (see ``Embedder.from_artifact``).
     """
     _fastapi()
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
@@ -348,8 +377,12 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
                                compile=compile)
     index.check_model(embedder.fingerprint)
     batcher = Batcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms)
-    watcher = IndexWatcher(index_dir, batcher, embedder.fingerprint,
-                           0.0 if isinstance(index_dir, Index) else reload_every_s)
+    def open_model(path: str) -> Any:
+        return Embedder.from_artifact(path, device=device, batch_size=max(64, max_batch), precision=precision,
+                                      compile=compile)
+
+    watcher = IndexWatcher(index_dir, batcher, 0.0 if isinstance(index_dir, Index) else reload_every_s,
+                           open_model if follow_model else None)
     metrics = ServeMetrics(max_batch, lambda: batcher.index.info, watcher.stats)
     batcher.on_batch = metrics.observe_batch
     started = time.time()
@@ -365,7 +398,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
             await batcher.stop()
 
     app = FastAPI(title="ctxsim", version=__version__, lifespan=lifespan)
-    app.state.batcher, app.state.watcher, app.state.embedder = batcher, watcher, embedder
+    app.state.batcher, app.state.watcher = batcher, watcher
     app.state.metrics = metrics
 
     def error(status: int, message: str) -> JSONResponse:
@@ -407,8 +440,8 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
 
     @app.get("/info")
     async def info() -> dict:
-        i = batcher.index.info
-        return {"fingerprint": embedder.fingerprint, "backend": embedder.backend, "dim": i.dim,
+        served, i = batcher.embedder, batcher.index.info
+        return {"fingerprint": served.fingerprint, "backend": served.backend, "dim": i.dim,
                 "index": {"type": i.index_type, "count": i.count, "dim": i.dim, "params": i.params,
                           "metric": i.metric, "fingerprint": i.fingerprint, "updated": i.updated,
                           "generation": i.generation},
@@ -431,15 +464,14 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         if not 1 <= k <= max_k:
             raise _HTTPError(422, f"k must be between 1 and {max_k}, got {k}")
         img = await _image(image, file)
-        _, hits = await batcher.submit(img, k)
-        return {"k": k, "results": hits, "fingerprint": embedder.fingerprint,
-                "index_type": batcher.index.index_type}
+        _, hits, fingerprint = await batcher.submit(img, k)
+        return {"k": k, "results": hits, "fingerprint": fingerprint, "index_type": batcher.index.index_type}
 
     @app.post("/embed")
     async def embed_ep(image: UploadFile | None = File(None), file: UploadFile | None = File(None)) -> dict:
         img = await _image(image, file)
-        vec, _ = await batcher.submit(img, None)
-        return {"embedding": [float(x) for x in vec], "dim": int(vec.shape[0]), "fingerprint": embedder.fingerprint}
+        vec, _, fingerprint = await batcher.submit(img, None)
+        return {"embedding": [float(x) for x in vec], "dim": int(vec.shape[0]), "fingerprint": fingerprint}
 
     app.add_middleware(_Guard, token=token, max_body=max_upload_bytes + MULTIPART_SLACK)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts what the guard refuses too
@@ -458,7 +490,8 @@ def _is_loopback(host: str) -> bool:
 def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, token: str | None = None, model: Any = None,
           max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
           max_batch: int = 32, batch_wait_ms: float = 5.0, device: str = "auto", log_level: str = "info",
-          reload_every_s: float = 2.0, precision: str = "fp32", compile: bool = False) -> None:
+          reload_every_s: float = 2.0, precision: str = "fp32", compile: bool = False,
+          follow_model: bool = False) -> None:
     """Serve ``index_dir`` over HTTP with uvicorn (blocking). Loopback only unless ``host`` says otherwise."""
     _fastapi()
     try:
@@ -471,5 +504,5 @@ def serve(index_dir: Any, host: str = "127.0.0.1", port: int = 8000, token: str 
                        "pass --token (or set CTXSIM_TOKEN)", host)
     app = create_app(index_dir, model=model, token=token, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels,
                      max_batch=max_batch, batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every_s,
-                     precision=precision, compile=compile)
+                     precision=precision, compile=compile, follow_model=follow_model)
     uvicorn.run(app, host=host, port=port, log_level=log_level)

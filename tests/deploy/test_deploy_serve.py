@@ -217,13 +217,35 @@ def test_hot_reload_after_index_add_and_refusal_of_another_model(tmp_path, flat_
         assert still["path"] == str(new_image) and still["id"] == 240
 
 
+def test_follow_model_swaps_model_and_index_together(tmp_path, flat_index, extra_dir, other_run_dir):
+    """With follow_model, a rebuild with a retrained model (here: another run) is served with that model; the
+    responses name the model that embedded them."""
+    from ctxsim.deploy import build_index, create_app
+    from ctxsim.nets import load_run
+
+    folder = shutil.copytree(flat_index, tmp_path / "index")
+    new_image = sorted(sorted(extra_dir.iterdir())[0].iterdir())[0]
+    upload = {"image": (new_image.name, _png(new_image), "image/png")}
+    other_fp = load_run(other_run_dir)[1].fingerprint
+    with running(create_app(folder, reload_every_s=0.1, follow_model=True)) as url:
+        first = _wait_for(url, lambda i: True)
+        assert first["fingerprint"] != other_fp
+        build_index([new_image], other_run_dir, folder, "flat")
+        info = _wait_for(url, lambda i: i["fingerprint"] == other_fp)
+        assert info["index"]["fingerprint"] == other_fp and info["index"]["count"] == 1
+        assert info["reload"] == {**info["reload"], "reloads": 1, "failures": 0, "last_error": None}
+        body = httpx.post(f"{url}/search", files=upload, data={"k": "1"}, timeout=30).json()
+        assert body["fingerprint"] == other_fp and body["results"][0]["path"] == str(new_image)
+        assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_a_loaded_index_is_not_watched(flat_index):
     from ctxsim.deploy import create_app, load_index
     from ctxsim.errors import ConfigError
 
     app = create_app(load_index(flat_index))
     assert app.state.watcher.every_s == 0.0
-    assert create_app(flat_index, precision="bf16").state.embedder.backend == "torch:cpu:bf16"
+    assert create_app(flat_index, precision="bf16").state.batcher.embedder.backend == "torch:cpu:bf16"
     with pytest.raises(ConfigError, match="reload_every_s"):
         create_app(flat_index, reload_every_s=-1)
 
