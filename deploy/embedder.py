@@ -353,6 +353,13 @@ class Embedder:
                for s in range(0, len(ok), self.batch_size)]
         return np.ascontiguousarray(np.concatenate(out), dtype=np.float32), ok, bad
 
+    def warm_up(self) -> None:
+        """Run a lone image and a full batch once, so that a compiled model builds (and tunes) its graphs for both
+        shapes now rather than on the first requests."""
+        blank = Image.new(self.preprocess_spec.channels, (self.preprocess_spec.input_size,) * 2)
+        self.embed([blank])
+        self.embed([blank] * max(2, self.batch_size))
+
     def time_batch(self, batch: Any, repeats: int = 10) -> list[float]:
         """Seconds per call of ``run(batch)`` over ``repeats`` calls (after one warm-up call)."""
         self._b.run(batch)

@@ -376,10 +376,17 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         Embedder.from_artifact(model, device=device, batch_size=max(64, max_batch), precision=precision,
                                compile=compile)
     index.check_model(embedder.fingerprint)
+    if compile and hasattr(embedder, "warm_up"):
+        logger.info("compiling the model for batches of 1 and %d (once; minutes with max-autotune on a GPU)",
+                    embedder.batch_size)
+        embedder.warm_up()
     batcher = Batcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms)
-    def open_model(path: str) -> Any:
-        return Embedder.from_artifact(path, device=device, batch_size=max(64, max_batch), precision=precision,
-                                      compile=compile)
+    def open_model(path: str) -> Any:  # in the watcher's thread: compiled before it is swapped in
+        new = Embedder.from_artifact(path, device=device, batch_size=max(64, max_batch), precision=precision,
+                                     compile=compile)
+        if compile:
+            new.warm_up()
+        return new
 
     watcher = IndexWatcher(index_dir, batcher, 0.0 if isinstance(index_dir, Index) else reload_every_s,
                            open_model if follow_model else None)

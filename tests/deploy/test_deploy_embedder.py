@@ -99,6 +99,8 @@ def test_torch_compile_matches_eager(run_dir, gallery_dir):  # ~20 s with a cold
     one = compiled.embed(paths[5:6])  # a lone image runs as a batch of 1 (latency), not padded to 32
     three = compiled.embed(paths[:3])
     assert seen == [32, 32, 1, 32]
+    compiled.warm_up()  # what serve --compile runs before serving: both shapes once
+    assert seen[4:] == [1, 32]
     assert float((one * eager[5]).sum()) > 0.9999 and float((three * eager[:3]).sum(1).min()) > 0.9999
 
 
