@@ -24,7 +24,8 @@ Hot reload: when the app serves an index *folder*, :class:`IndexWatcher` reads i
 ``reload_every_s`` seconds; when the generation changed (``ctxsim index add``, or a rebuild), it loads the new
 generation in a thread (sha256-verified), checks that its fingerprint is still the served model's, and swaps it
 in. With ``follow_model`` a generation built with another model (a retrained model's rebuilt index) brings that
-model along: it is opened from the path index.json records and the pair is swapped at once. A batch in flight
+model along: it is opened from the path index.json records (refused when ``parity.json`` beside it says its
+parity check failed; at start-up such a model is served with a warning) and the pair is swapped at once. A batch in flight
 finishes on the model and index it started with; a generation that fails to load, or belongs to another model
 without ``follow_model``, is refused once (logged, and shown in ``/info``) and the previous one keeps serving.
 """
@@ -41,6 +42,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -253,9 +255,14 @@ class IndexWatcher:
         return True
 
     def _open_model_of(self, index: Any) -> Any:
+        from ctxsim.export.parity import recorded_verdict
+
         model = index.info.model
         if not model or not os.path.exists(model):
             raise ConfigError(f"the model that built it ({model}) is not available here")
+        passed, failures = recorded_verdict(model)
+        if passed is False:  # an automatic swap must not bring in an artifact its own parity check failed
+            raise ConfigError(f"{Path(model).name} failed its parity check ({'; '.join(failures[:2])})")
         return self.open_model(model)
 
 
@@ -376,6 +383,12 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         Embedder.from_artifact(model, device=device, batch_size=max(64, max_batch), precision=precision,
                                compile=compile)
     index.check_model(embedder.fingerprint)
+    from ctxsim.export.parity import recorded_verdict
+
+    passed, failures = recorded_verdict(getattr(embedder, "artifact", "") or "")
+    if passed is False:  # served on purpose perhaps, but never silently
+        logger.warning("%s failed its parity check (%s): it may not retrieve what the trained model retrieves",
+                       getattr(embedder, "artifact", "the model"), "; ".join(failures[:2]))
     if compile and hasattr(embedder, "warm_up"):
         logger.info("compiling the model for batches of 1 and %d (once; minutes with max-autotune on a GPU)",
                     embedder.batch_size)

@@ -449,6 +449,22 @@ def write_parity(artifact: str | Path, report: ParityReport) -> Path:
     return out
 
 
+def recorded_verdict(artifact: str | Path) -> tuple[bool | None, list[str]]:
+    """The verdict ``parity.json`` next to ``artifact`` holds for it: (passed, failures), or (None, []) when no
+    check was recorded (a run folder, a file never checked, an unreadable report)."""
+    import json
+
+    path = Path(artifact)
+    report = path.parent / PARITY_FILE
+    try:
+        entry = json.loads(report.read_text(encoding="utf-8")).get(path.name) if report.is_file() else None
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None, []
+    if not isinstance(entry, dict) or not isinstance(entry.get("passed"), bool):
+        return None, []
+    return entry["passed"], [str(f) for f in entry.get("failures", [])]
+
+
 def assert_parity(run_dir: str | Path, artifact: str | Path | Any, **kwargs: Any) -> ParityReport:
     """:func:`check_parity` that raises AssertionError listing the failures (for pytest)."""
     report = check_parity(run_dir, artifact, **kwargs)

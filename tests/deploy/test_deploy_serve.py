@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import io
 import shutil
+from pathlib import Path
 import socket
 import threading
 import time
@@ -237,6 +238,45 @@ def test_follow_model_swaps_model_and_index_together(tmp_path, flat_index, extra
         body = httpx.post(f"{url}/search", files=upload, data={"k": "1"}, timeout=30).json()
         assert body["fingerprint"] == other_fp and body["results"][0]["path"] == str(new_image)
         assert body["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_follow_model_refuses_a_model_that_failed_parity(tmp_path, flat_index, extra_dir, omniglot_dir):
+    """An automatic model swap is conservative: a new model whose own parity check failed (parity.json beside it)
+    is refused, and the served model and index stay."""
+    import sys
+
+    from ctxsim.deploy import build_index, create_app
+    from ctxsim.export import check_parity, export_onnx
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
+    from export_helpers import make_run, perturb_onnx
+
+    run = make_run(tmp_path / "run2", "convnet", omniglot_dir, seed=2)
+    damaged = perturb_onnx(export_onnx(run, tmp_path / "exp").onnx_path, tmp_path / "damaged" / "model.onnx")
+    assert not check_parity(run, damaged, limit=100).passed  # writes damaged/parity.json, as `ctxsim parity` does
+    folder = shutil.copytree(flat_index, tmp_path / "index")
+    with running(create_app(folder, reload_every_s=0.1, follow_model=True)) as url:
+        first = _wait_for(url, lambda i: True)
+        build_index(sorted(sorted(extra_dir.iterdir())[0].iterdir())[:2], damaged, folder, "flat")
+        info = _wait_for(url, lambda i: i["reload"]["last_error"] is not None)
+        assert "failed its parity check" in info["reload"]["last_error"]
+        assert info["fingerprint"] == first["fingerprint"] and info["index"]["count"] == 240
+
+
+def test_recorded_parity_verdict(tmp_path):
+    import json
+
+    from ctxsim.export.parity import recorded_verdict
+
+    art = tmp_path / "model.onnx"
+    assert recorded_verdict(art) == (None, [])  # nothing recorded
+    (tmp_path / "parity.json").write_text(json.dumps({"model.onnx": {"passed": False, "failures": ["x"]},
+                                                      "model.fp16.onnx": {"passed": True, "failures": []}}))
+    assert recorded_verdict(art) == (False, ["x"])
+    assert recorded_verdict(tmp_path / "model.fp16.onnx") == (True, [])
+    assert recorded_verdict(tmp_path / "model.int8.onnx") == (None, [])
+    (tmp_path / "parity.json").write_text("{not json")
+    assert recorded_verdict(art) == (None, [])
 
 
 def test_a_loaded_index_is_not_watched(flat_index):
