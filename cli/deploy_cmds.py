@@ -172,8 +172,8 @@ def register(app: typer.Typer) -> None:
                                           "model (retrained, re-indexed) brings that model along instead of being "
                                           "refused."),
     ) -> None:
-        """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info); picks up what
-        `ctxsim index add` writes without a restart."""
+        """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info, GET /metrics); picks
+        up what `ctxsim index add` writes without a restart."""
         import logging
 
         from ctxsim.cli.console import show_logs

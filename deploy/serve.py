@@ -25,9 +25,10 @@ Hot reload: when the app serves an index *folder*, :class:`IndexWatcher` reads i
 generation in a thread (sha256-verified), checks that its fingerprint is still the served model's, and swaps it
 in. With ``follow_model`` a generation built with another model (a retrained model's rebuilt index) brings that
 model along: it is opened from the path index.json records (refused when ``parity.json`` beside it says its
-parity check failed; at start-up such a model is served with a warning) and the pair is swapped at once. A batch in flight
-finishes on the model and index it started with; a generation that fails to load, or belongs to another model
-without ``follow_model``, is refused once (logged, and shown in ``/info``) and the previous one keeps serving.
+parity check failed; at start-up such a model is served with a warning) and the pair is swapped at once. A
+batch in flight finishes on the model and index it started with; a generation that fails to load, or belongs to
+another model without ``follow_model``, is refused once (logged, and shown in ``/info``) and the previous one
+keeps serving.
 """
 # No ``from __future__ import annotations`` here: FastAPI reads the endpoint annotations at runtime, and the
 # endpoint types (UploadFile, ...) are imported inside create_app so that importing ctxsim.deploy stays light.
@@ -192,7 +193,7 @@ class Batcher:
 
 # ---------------------------------------------------------------------------------------------- hot reload
 class IndexWatcher:
-    """Swaps ``batcher.index`` for the folder's newest generation (see the module docstring)."""
+    """Swaps the batcher's (model, index) pair for the folder's newest generation (see the module docstring)."""
 
     def __init__(self, folder: Any, batcher: Batcher, every_s: float, open_model: Any = None) -> None:
         self.folder, self.batcher = folder, batcher
@@ -379,9 +380,17 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         if not index.info.model or not os.path.exists(index.info.model):
             raise ConfigError(f"the model that built the index ({index.info.model}) is not available; pass --model")
         model = index.info.model
-    embedder = model if hasattr(model, "embed") and hasattr(model, "fingerprint") else \
-        Embedder.from_artifact(model, device=device, batch_size=max(64, max_batch), precision=precision,
-                               compile=compile)
+
+    def open_model(path: Any) -> Any:  # at start-up, and in the watcher's thread for a followed model
+        new = Embedder.from_artifact(path, device=device, batch_size=max(64, max_batch), precision=precision,
+                                     compile=compile)
+        if compile:  # build (and tune) the graphs now, not on the first requests
+            logger.info("compiling %s for batches of 1 and %d (once; minutes with max-autotune on a GPU)",
+                        path, new.batch_size)
+            new.warm_up()
+        return new
+
+    embedder = model if hasattr(model, "embed") and hasattr(model, "fingerprint") else open_model(model)
     index.check_model(embedder.fingerprint)
     from ctxsim.export.parity import recorded_verdict
 
@@ -389,18 +398,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     if passed is False:  # served on purpose perhaps, but never silently
         logger.warning("%s failed its parity check (%s): it may not retrieve what the trained model retrieves",
                        getattr(embedder, "artifact", "the model"), "; ".join(failures[:2]))
-    if compile and hasattr(embedder, "warm_up"):
-        logger.info("compiling the model for batches of 1 and %d (once; minutes with max-autotune on a GPU)",
-                    embedder.batch_size)
-        embedder.warm_up()
     batcher = Batcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms)
-    def open_model(path: str) -> Any:  # in the watcher's thread: compiled before it is swapped in
-        new = Embedder.from_artifact(path, device=device, batch_size=max(64, max_batch), precision=precision,
-                                     compile=compile)
-        if compile:
-            new.warm_up()
-        return new
-
     watcher = IndexWatcher(index_dir, batcher, 0.0 if isinstance(index_dir, Index) else reload_every_s,
                            open_model if follow_model else None)
     metrics = ServeMetrics(max_batch, lambda: batcher.index.info, watcher.stats)
