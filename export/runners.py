@@ -6,6 +6,7 @@ contract dict, see ``ctxsim.export.contract``) and ``.name`` (e.g. ``"onnxruntim
 """
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Protocol, Sequence
@@ -41,24 +42,27 @@ def install_problem(distributions: set[str], available: Sequence[str]) -> str | 
     return None
 
 
-_WARNED: set[str] = set()
+@functools.cache
+def _warn_install_problem(available: tuple[str, ...]) -> None:
+    """Scan the installed distributions once per process (not per session opened) and warn if ONNX Runtime's
+    install is broken (see :func:`install_problem`)."""
+    import importlib.metadata as md
+
+    names = {(d.metadata["Name"] or "").lower() for d in md.distributions()
+             if (d.metadata["Name"] or "").lower().startswith("onnxruntime")}
+    problem = install_problem(names, available)
+    if problem:
+        log.warning(problem)
 
 
 def default_providers(available: Sequence[str] | None = None) -> list[str]:
     """The preferred ONNX Runtime providers that are installed: TensorRT EP, CUDA EP, then CPU (with a warning,
     once, when a GPU build is installed but shadowed: see :func:`install_problem`)."""
     if available is None:
-        import importlib.metadata as md
-
         import onnxruntime as ort
 
         available = ort.get_available_providers()
-        names = {(d.metadata["Name"] or "").lower() for d in md.distributions()
-                 if (d.metadata["Name"] or "").lower().startswith("onnxruntime")}
-        problem = install_problem(names, available)
-        if problem and problem not in _WARNED:
-            _WARNED.add(problem)
-            log.warning(problem)
+        _warn_install_problem(tuple(available))
     chosen = [p for p in PREFERRED_PROVIDERS if p in available]
     return chosen or list(available)
 
