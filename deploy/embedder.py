@@ -132,8 +132,7 @@ class _TorchBackend:
             raise ConfigError(f"precision must be fp32, fp16 or bf16, got {precision!r}")
         if precision == "fp16" and self.device.type != "cuda":
             raise ConfigError("precision fp16 for the torch backend needs CUDA; use fp32 or bf16")
-        self.dtype = set_precision(self.model, precision)
-        self.channels_last = precision != "fp32"
+        self.dtype = set_precision(self.model, precision)  # bf16/fp16 inputs go channels_last, as the backbone
         self.precision = precision
         self.compiled = False
         self.pad = False
@@ -161,7 +160,7 @@ class _TorchBackend:
         if self.pad and 1 < n < self.batch_size:
             x = torch.cat([x, x[-1:].expand(self.batch_size - n, *x.shape[1:])])
         x = x.to(self.device, non_blocking=True)
-        if self.channels_last:
+        if self.dtype != torch.float32:
             x = x.to(self.dtype).contiguous(memory_format=torch.channels_last)
         y = self._forward(x)
         return y[:n].float().cpu().numpy()
@@ -216,19 +215,15 @@ class _RunnerBackend:
 def _jpeg_bytes(path: str | os.PathLike) -> torch.Tensor | None:
     """A JPEG file's bytes (checked by Pillow's header parser: decompression-bomb limit, colour mode), or None when
     the file should take the Pillow path (another format, CMYK). DataError when it cannot be read."""
+    from ctxsim.deploy.gallery import image_errors
+
     if not str(path).lower().endswith(JPEG_SUFFIXES):
         return None
-    try:
+    with image_errors(str(path)):
         data = Path(path).read_bytes()
         with Image.open(io.BytesIO(data)) as im:  # header only: no pixels decoded
             if im.format != "JPEG" or im.mode not in ("L", "RGB"):
                 return None
-    except FileNotFoundError:
-        raise DataError(f"image not found: {path}") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image too large (decompression-bomb limit): {path}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - unreadable file or header
-        raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}") from None
     return torch.frombuffer(bytearray(data), dtype=torch.uint8)
 
 

@@ -14,11 +14,12 @@ skipped and reported as ``(path, reason)`` (see :func:`load_images`), never sile
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from PIL import Image
 
@@ -149,9 +150,15 @@ def load_image(source: Any) -> Image.Image:
         import io
 
         source = io.BytesIO(bytes(source))
-    name = str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"
-    try:
+    with image_errors(str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"):
         return open_image(source)
+
+
+@contextlib.contextmanager
+def image_errors(name: str) -> Iterator[None]:
+    """Turn whatever reading or decoding image ``name`` raises into a one-line DataError naming it."""
+    try:
+        yield
     except FileNotFoundError:
         raise DataError(f"image not found: {name}") from None
     except IsADirectoryError:
