@@ -184,8 +184,9 @@ def r1_margins(embeddings: np.ndarray, labels: np.ndarray, chunk: int = 1024) ->
     NaN where its class has no other item (such queries do not count in R@1)."""
     import torch
 
+    labels = np.asarray(labels, dtype=np.int64)
     emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
-    lab = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+    lab = torch.from_numpy(labels)
     out = np.empty(len(lab), dtype=np.float64)
     for start in range(0, len(lab), chunk):
         stop = min(start + chunk, len(lab))
@@ -196,8 +197,7 @@ def r1_margins(embeddings: np.ndarray, labels: np.ndarray, chunk: int = 1024) ->
         best_same = sims.masked_fill(~same, float("-inf")).amax(1)
         best_other = sims.masked_fill(same, float("-inf")).amax(1)
         out[start:stop] = (best_same - best_other).numpy()
-    counts = np.bincount(np.asarray(labels, dtype=np.int64))
-    out[counts[np.asarray(labels, dtype=np.int64)] < 2] = np.nan
+    out[np.bincount(labels)[labels] < 2] = np.nan
     return out
 
 
@@ -226,15 +226,15 @@ def flip_examples(ref: np.ndarray, art: np.ndarray, labels: np.ndarray, margins_
     rows = flipped[np.argsort(-np.abs(margins_ref[flipped]), kind="stable")][:most]
     if not len(rows):
         return []
-    out = []
     tops = []
     for emb in (ref, art):
         sims = emb[rows].astype(np.float64) @ emb.T.astype(np.float64)
         sims[np.arange(len(rows)), rows] = -np.inf
         j = sims.argmax(1)
         tops.append((j, sims[np.arange(len(rows)), j]))
+    (j_ref, s_ref), (j_art, s_art) = tops
+    out = []
     for n, q in enumerate(rows):
-        (j_ref, s_ref), (j_art, s_art) = tops
         out.append({"query": int(q), "label": int(labels[q]),
                     "reference_top1": int(j_ref[n]), "reference_score": float(s_ref[n]),
                     "reference_hit": bool(labels[j_ref[n]] == labels[q]),

@@ -144,7 +144,7 @@ class _DeviceTransform:
     """Shared by the train and eval transforms on the device: batch decoding, output buffer, normalisation.
     ``decoder``: "torchvision" (the default; TorchCodec where torchvision's decoder is gone) or "torchcodec"."""
 
-    def __init__(self, preprocess: Preprocess, device: str | torch.device, decoder: str) -> None:
+    def __init__(self, preprocess: Preprocess, device: str | torch.device, decoder: str = "torchvision") -> None:
         if preprocess.interpolation not in TENSOR_INTERPOLATIONS:
             raise ConfigError(f"decoding on the device resizes tensors: preprocess.interpolation must be one of "
                               f"{', '.join(TENSOR_INTERPOLATIONS)}, got {preprocess.interpolation!r}")
@@ -191,9 +191,6 @@ class DeviceAugment(_DeviceTransform):
 class DeviceEvalTransform(_DeviceTransform):
     """``eval_transform`` on the device: decode a list of JPEG byte tensors, resize the shorter side to
     ``resize_size``, centre-crop ``input_size``, scale to [0, 1] and normalise; returns (B, C, S, S) float32."""
-
-    def __init__(self, preprocess: Preprocess, device: str | torch.device, decoder: str = "torchvision") -> None:
-        super().__init__(preprocess, device, decoder)
 
     def crop(self, img: torch.Tensor) -> torch.Tensor:
         img = F.resize(img, self.p.resize_size, interpolation=self.p.interpolation_mode, antialias=True)
