@@ -267,7 +267,7 @@ class Embedder:
             backend = _TorchBackend(p, dev, compile, batch_size, precision)
         else:
             if precision != "fp32":
-                raise ConfigError(f"precision applies to run folders (PyTorch); a {kind} artifact has its precision "
+                raise ConfigError(f"precision applies to run folders (PyTorch); {kind} artifacts have their precision "
                                   "built in (model.fp16.onnx, an fp16/int8 engine)")
             if compile:
                 logger.info("compile applies to the torch backend only; ignored for %s", kind)
