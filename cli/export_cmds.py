@@ -46,7 +46,7 @@ def _print_failures(reports: dict) -> bool:
 def register(app: typer.Typer) -> None:
     """Add the `export` and `parity` commands to ``app``."""
 
-    @app.command("export", epilog="Example: ctxsim export runs/omni --out runs/omni/export --triton --limit 2000")
+    @app.command("export", epilog="Example: ctxsim export runs/omni --trt --precision int8 --triton --limit 2000")
     def export_cmd(
         run_dir: Path = typer.Argument(..., help="A run folder from `ctxsim train`."),
         out: Optional[Path] = typer.Option(None, help="Export folder (default: RUN_DIR/export)."),
@@ -57,10 +57,12 @@ def register(app: typer.Typer) -> None:
         simplify: bool = typer.Option(False, help="Simplify the graphs with onnxslim."),
         input_format: str = typer.Option("float_nchw", help="float_nchw, or uint8_nhwc (normalisation in the graph)."),
         opset: int = typer.Option(17, help="ONNX opset."),
-        trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (needs TensorRT and a GPU)."),
-        precision: str = typer.Option("fp16", help="TensorRT engine precision: fp32, fp16 or int8."),
-        calib: Optional[Path] = typer.Option(None, help="Folder of calibration images (int8 engine; --int8 ONNX "
-                                                        "defaults to the run's training images)."),
+        trt: bool = typer.Option(False, "--trt", help="Also build a TensorRT engine (TensorRT 10 or 11 and a GPU; "
+                                                      "strongly typed, from the ONNX file of --precision)."),
+        precision: str = typer.Option("fp16", help="TensorRT engine precision: fp32 (model.onnx), fp16 "
+                                                   "(model.fp16.onnx) or int8 (model.int8.onnx, implies --int8)."),
+        calib: Optional[Path] = typer.Option(None, help="Folder of calibration images for model.int8.onnx (default: "
+                                                        "the run's training images)."),
         max_batch: int = typer.Option(64, help="Largest batch of the engine profile and of Triton."),
         workspace_gb: float = typer.Option(2.0, help="TensorRT builder workspace (GiB)."),
         timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read and updated)."),

@@ -213,13 +213,14 @@ def _onnx_artifact(run_dir: Path, precision: str, tmp: Path) -> Path:
 
 
 def _engine_artifact(run_dir: Path, precision: str, tmp: Path) -> Path:
-    """run_dir/export/model.<precision>.engine if present, else built from model.onnx on this GPU."""
+    """run_dir/export/model.<precision>.engine if present, else built on this GPU from the ONNX file of that
+    precision (engines are strongly typed)."""
     p = run_dir / "export" / f"model.{precision}.engine"
     if p.exists():
         return p
     from ctxsim.export.tensorrt import build_engine
 
-    built = build_engine(_onnx_artifact(run_dir, "fp32", tmp), tmp / f"trt-{precision}", precision=precision)
+    built = build_engine(_onnx_artifact(run_dir, precision, tmp), tmp / f"trt-{precision}", precision=precision)
     return Path(built.path)
 
 

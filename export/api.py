@@ -24,8 +24,9 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8
 
     1. ``model.onnx`` (+ ``model.fp16.onnx`` with ``fp16``; + ``model.int8.onnx`` with ``int8``: ONNX Runtime
        static quantisation calibrated on ``calib_images`` or the run's training images), contract in the metadata;
-    2. with ``trt``: ``model.<precision>.engine`` + sidecar from model.onnx (needs TensorRT and a GPU;
-       ``calib_images`` for int8);
+    2. with ``trt``: ``model.<precision>.engine`` + sidecar, a strongly typed engine built from the ONNX file of
+       that precision (fp32 model.onnx, fp16 model.fp16.onnx, int8 model.int8.onnx, which ``trt`` with int8
+       writes even without ``int8``); needs TensorRT 10 or 11 and a GPU;
     3. with ``parity``: each artifact against the PyTorch fp32 model on the run's evaluation images
        (``parity_limit`` images at most), reports merged into ``parity.json``;
     4. with ``triton`` (True: ``out_dir/triton``, or a folder): a Triton model repository;
@@ -52,10 +53,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8
         from ctxsim.export.tensorrt import current_device
 
         current_device()
+    # an engine is strongly typed: its precision comes from the ONNX file it is built from
+    fp16 = fp16 or (trt and precision == "fp16")
+    int8 = int8 or (trt and precision == "int8")
     result = export_onnx(run_dir, out_dir, opset=opset, fp16=fp16, simplify=simplify, input_format=input_format)
     if int8:
-        from ctxsim.export.quantize import image_batches, quantize_onnx, run_calibration_images
-        from ctxsim.export.tensorrt import calibration_batches
+        from ctxsim.export.quantize import (calibration_batches, image_batches, quantize_onnx,
+                                            run_calibration_images)
 
         batches = (calibration_batches(calib_images, result.contract, 32, 256) if calib_images is not None
                    else image_batches(run_calibration_images(run_dir, 256, data_root), result.contract))
@@ -66,11 +70,10 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8
     if trt:
         from ctxsim.export.tensorrt import build_engine
 
-        # int8 with the Q/DQ file at hand: its scales, no TensorRT calibrator (explicit quantisation)
-        source = result.int8_path if precision == "int8" and result.int8_path is not None else result.onnx_path
-        build = build_engine(source, out_dir, precision=precision, calib_images=calib_images,
-                             min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch,
-                             workspace_gb=workspace_gb, timing_cache=timing_cache)
+        source = {"fp32": result.onnx_path, "fp16": result.fp16_path, "int8": result.int8_path}[precision]
+        assert source is not None  # written above: fp16/int8 are forced on for their engines
+        build = build_engine(source, out_dir, precision=precision, min_batch=min_batch, opt_batch=opt_batch,
+                             max_batch=max_batch, workspace_gb=workspace_gb, timing_cache=timing_cache)
         result.engine_path, result.engine_sidecar = build.path, build.sidecar
         result.sha256[build.path.name] = build.sidecar.get("engine_sha256", "")
         step("engine")

@@ -77,8 +77,37 @@ class ExportResult:
 
 
 # ---------------------------------------------------------------------------------------------- export graphs
+#: modules kept in float32 inside the fp16 backbone: normalisations reduce over many values (mean, variance), the
+#: part of a network where fp16 loses what parity measures. A strongly typed TensorRT engine keeps these types.
+FP32_KEEP = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, nn.Softmax, nn.LocalResponseNorm)
+
+
+class _Fp32Island(nn.Module):
+    """Runs a keep-listed module in float32 between fp16 neighbours (two Cast nodes in the graph)."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module.float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x.float()).to(x.dtype)
+
+
+def keep_fp32(module: nn.Module, keep: tuple[type[nn.Module], ...] = FP32_KEEP) -> int:
+    """Wrap every ``keep`` module under ``module`` (already halved) in an fp32 island; returns how many."""
+    count = 0
+    for name, child in module.named_children():
+        if isinstance(child, keep):
+            setattr(module, name, _Fp32Island(child))
+            count += 1
+        else:
+            count += keep_fp32(child, keep)
+    return count
+
+
 class _Fp16Net(nn.Module):
-    """fp16 backbone, fp32 pooling/standardisation/head/L2-normalisation; float32 in and out.
+    """fp16 backbone (its normalisation layers, ``FP32_KEEP``, in float32), fp32 pooling/standardisation/head/
+    L2-normalisation; float32 in and out: the typed graph a strongly typed TensorRT engine is built from.
 
     Mirrors ``EmbeddingNet.forward`` (which already runs its head in float32); parity checks this against it.
     """
@@ -87,6 +116,7 @@ class _Fp16Net(nn.Module):
         super().__init__()
         self.net = net
         self.net.backbone.half()
+        keep_fp32(self.net.backbone)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ctxsim.nets.pooling import l2_normalize

@@ -1,12 +1,12 @@
 """int8 ONNX by post-training static quantisation with ONNX Runtime: ``model.onnx`` -> ``model.int8.onnx``.
 
 The result is a QDQ graph (QuantizeLinear/DequantizeLinear pairs around the quantised operators), int8 weights
-per output channel and int8 activations, both symmetric: the form ONNX Runtime runs on CPUs and the form
-TensorRT builds explicit-precision int8 engines from, so the calibration can happen on a workstation and the
-file travel to a Jetson. Calibration images are real ones: a folder (``calib_images``, as for TensorRT
-engines) or, by default, images of the run's own *training* classes, never the evaluation split that parity
-then measures on. ``check_parity`` judges the file at the int8 thresholds; a calibration method that ruins a
-model is caught there (see docs/EXPORT.md for one that does).
+per output channel and int8 activations, both symmetric (zero points 0), biases in float: the form ONNX Runtime
+runs on CPUs and the form TensorRT 10 and 11 build strongly typed int8 engines from (explicit quantisation), so
+the calibration can happen on a workstation and the file travel to a Jetson. Calibration images are real ones:
+a folder (``calib_images``, read by ``calibration_batches``) or, by default, images of the run's own *training*
+classes, never the evaluation split that parity then measures on. ``check_parity`` judges the file at the int8
+thresholds; a calibration method that ruins a model is caught there (see docs/EXPORT.md for one that does).
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 ONNX_INT8_NAME = "model.int8.onnx"
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 
 def run_calibration_images(run_dir: str | Path, limit: int = 256, data_root: str | None = None,
@@ -35,6 +36,35 @@ def run_calibration_images(run_dir: str | Path, limit: int = 256, data_root: str
     train = build_datasets(run_config(run_dir, data_root)).train.with_transform(None)
     pick = np.random.default_rng(seed).choice(len(train), size=min(int(limit), len(train)), replace=False)
     return [train.load_image(int(i)) for i in sorted(pick)]
+
+
+def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
+    """Image files under ``folder`` (recursively), in sorted order, at most ``limit``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(f"calibration image folder {folder} not found")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
+                          "point --calib at a folder of representative images")
+    if limit is not None:
+        step = max(1, len(files) // int(limit))  # spread over the folder rather than its first classes
+        files = files[::step][: int(limit)]
+    return files
+
+
+def calibration_batches(folder: str | Path, contract: Mapping[str, Any], batch_size: int = 16,
+                        limit: int | None = 512) -> Iterator[np.ndarray]:
+    """Full batches of real images from ``folder`` through ``preprocess_batch`` (a short last batch is dropped,
+    so every calibration batch has the same shape)."""
+    from ctxsim.data.datasets import open_image
+    from ctxsim.export.contract import preprocess_batch
+
+    files = list_images(folder, limit)
+    if len(files) < batch_size:
+        raise ConfigError(f"{len(files)} calibration images under {folder}, fewer than one batch of {batch_size}")
+    for start in range(0, len(files) - batch_size + 1, batch_size):
+        yield preprocess_batch([open_image(p) for p in files[start:start + batch_size]], contract)
 
 
 def image_batches(images: list[Any], contract: dict[str, Any], batch_size: int = 32) -> Iterator[np.ndarray]:
@@ -85,7 +115,11 @@ def quantize_onnx(onnx_path: str | Path, batches: Iterable[np.ndarray], out_path
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
                         calibrate_method={"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                                           "percentile": CalibrationMethod.Percentile}[method],
-                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True})
+                        # symmetric: every zero point is 0, as TensorRT requires; biases stay float: ONNX
+                        # Runtime's default int32 bias (a DequantizeLinear of an INT32 tensor) is not in
+                        # onnx-tensorrt's support matrix, and TensorRT fuses a float bias into the int8 conv
+                        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                                       "QuantizeBias": False})
         proto = onnx.load(str(q))
     del proto.metadata_props[:]
     onnx.helper.set_model_props(proto, contract_to_metadata({**contract, "precision": "int8"}))

@@ -1,14 +1,25 @@
-"""TensorRT engines: build one from a ctxsim ONNX file (fp32/fp16/int8 with calibration), check that it fits
-the machine, and run it.
+"""TensorRT engines: build one from a typed ctxsim ONNX file as a strongly typed network, check that it fits the
+machine, and run it. One path for TensorRT 10.x (JetPack) and 11.x (servers).
 
-Written against the TensorRT 10 Python API (explicit batch by default, ``set_memory_pool_limit``,
-``build_serialized_network``, named I/O tensors with ``set_input_shape`` / ``set_tensor_address`` /
-``execute_async_v3``; torch CUDA tensors serve as device buffers). NOT EXECUTED on this project's development
-machines, which have no TensorRT; see docs/EXPORT.md. The pure parts (sidecar, compatibility check, calibration
-batches) are tested without it.
+TensorRT 11 removed weak typing (``BuilderFlag.FP16``/``INT8``), calibrators and calibration profiles
+(NVIDIA, "Migrating from TensorRT 10.x to 11.x"). So an engine's precision is the precision of the ONNX file it
+is built from, and the builder sets no precision flag:
+
+    fp32  <- model.onnx        (float32 graph)
+    fp16  <- model.fp16.onnx   (fp16 backbone, fp32 head and L2 normalisation, Cast nodes in the graph)
+    int8  <- model.int8.onnx   (explicit Q/DQ: int8 weights and activations, zero points 0, float biases)
+
+On 10.x the network is created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; on 11.x every network is
+strongly typed (the flag is deprecated and ignored), so none is passed. Runtime calls (named I/O tensors,
+``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``, torch CUDA tensors as device buffers) are
+the same on both. NOT EXECUTED on this project's machines, which have no TensorRT: the calls are checked by
+mypy against the TensorRT stubs (typings/, tests/export/test_trt_typecheck.py), no API removed in 11 is used
+(tests/export/test_trt_static.py), and every ONNX file is checked against onnx-tensorrt's operator matrix before
+it is handed to the parser. See docs/EXPORT.md.
 
 An engine ``model.<precision>.engine`` comes with a sidecar ``model.<precision>.engine.json`` naming the TensorRT
-version, GPU, compute capability, precision, optimisation profile, the source ONNX's sha256 and the contract.
+version and major, the build mode, GPU, compute capability, precision, optimisation profile, the source ONNX's
+name and sha256 and the contract.
 """
 from __future__ import annotations
 
@@ -16,28 +27,50 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
-from ctxsim.export.contract import check_batch, preprocess_batch
+from ctxsim.export.contract import check_batch
 from ctxsim.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
 
 log = logging.getLogger(__name__)
 
 TRT_HINT = "TensorRT is not installed: pip install 'ctxsim[trt]' (or use JetPack's TensorRT on Jetson)"
 ENGINE_PRECISIONS = ("fp32", "fp16", "int8")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+#: TensorRT majors this build path is written for: 10.x (JetPack 6/7, strongly typed by flag) and 11.x
+SUPPORTED_MAJORS = (10, 11)
+BUILD_MODE = "strongly_typed"
+#: the ONNX file each engine precision is built from (the file's own types decide the engine's)
+ONNX_FOR_PRECISION = {"fp32": "model.onnx", "fp16": "model.fp16.onnx", "int8": "model.int8.onnx"}
 
 
-def import_tensorrt():
-    """``import tensorrt`` or MissingDependency with the install hint."""
+def tensorrt_major(version: str) -> int:
+    """The major of a TensorRT version string, refused with one line unless this build path supports it."""
+    head = str(version).strip().split(".")[0]
+    major = int(head) if head.isdigit() else -1
+    if major not in SUPPORTED_MAJORS:
+        raise MissingDependency(f"TensorRT {version} is installed; ctxsim builds engines with TensorRT "
+                                f"{' or '.join(f'{m}.x' for m in SUPPORTED_MAJORS)}: pip install 'ctxsim[trt]' "
+                                "(servers) or use JetPack's TensorRT 10 (Jetson)")
+    return major
+
+
+def network_flags(major: int, strongly_typed_bit: int) -> int:
+    """``create_network`` flags for a strongly typed network: the STRONGLY_TYPED bit on 10.x; nothing on 11.x,
+    where every network is strongly typed and the flag is deprecated (ignored, and may go)."""
+    return 1 << int(strongly_typed_bit) if major == 10 else 0
+
+
+def import_tensorrt():  # noqa: ANN201 - the tensorrt module, whose type only exists where it is installed
+    """``import tensorrt`` (MissingDependency with the install hint) of a supported major."""
     try:
-        import tensorrt as trt
+        import tensorrt
     except ImportError:
         raise MissingDependency(TRT_HINT) from None
-    return trt
+    tensorrt_major(getattr(tensorrt, "__version__", "?"))
+    return tensorrt
 
 
 def _require_cuda() -> None:
@@ -52,11 +85,11 @@ def current_device() -> dict[str, str]:
     """This machine's GPU name, compute capability ("8.7") and TensorRT version, as the sidecar records them."""
     import torch
 
-    trt = import_tensorrt()
+    version = str(import_tensorrt().__version__)
     _require_cuda()
     major, minor = torch.cuda.get_device_capability()
     return {"gpu_name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
-            "tensorrt_version": str(trt.__version__)}
+            "tensorrt_version": version}
 
 
 def sidecar_path(engine_path: str | Path) -> Path:
@@ -99,72 +132,6 @@ def check_engine_compatible(sidecar: Mapping[str, Any], current_device: Mapping[
                             "are not portable: rebuild it on the target with `ctxsim export --trt` from model.onnx")
 
 
-# ---------------------------------------------------------------------------------------------- calibration data
-def list_images(folder: str | Path, limit: int | None = None) -> list[Path]:
-    """Image files under ``folder`` (recursively), in sorted order, at most ``limit``."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise ConfigError(f"calibration image folder {folder} not found")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-    if not files:
-        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {folder}; "
-                          "point --calib at a folder of representative images")
-    if limit is not None:
-        step = max(1, len(files) // int(limit))  # spread over the folder rather than its first classes
-        files = files[::step][: int(limit)]
-    return files
-
-
-def calibration_batches(folder: str | Path, contract: Mapping[str, Any], batch_size: int = 16,
-                        limit: int | None = 512) -> Iterator[np.ndarray]:
-    """Full batches of real images from ``folder`` through ``preprocess_batch`` (a short last batch is dropped:
-    the calibrator's batch size is fixed)."""
-    from ctxsim.data.datasets import open_image
-
-    files = list_images(folder, limit)
-    if len(files) < batch_size:
-        raise ConfigError(f"{len(files)} calibration images under {folder}, fewer than one batch of {batch_size}")
-    for start in range(0, len(files) - batch_size + 1, batch_size):
-        yield preprocess_batch([open_image(p) for p in files[start:start + batch_size]], contract)
-
-
-def _make_calibrator(trt, batches: Iterator[np.ndarray], batch_size: int, cache_path: Path | None,
-                     algorithm: str = "entropy"):
-    """An IInt8EntropyCalibrator2 (or MinMax) feeding ``batches`` from a torch CUDA buffer."""
-    import torch
-
-    base = trt.IInt8EntropyCalibrator2 if algorithm == "entropy" else trt.IInt8MinMaxCalibrator
-
-    class _Calibrator(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            base.__init__(self)
-            self.batches, self.buffer, self.count = batches, None, 0
-
-        def get_batch_size(self) -> int:
-            return batch_size
-
-        def get_batch(self, names):  # noqa: ANN001 - TensorRT's signature
-            try:
-                batch = next(self.batches)
-            except StopIteration:
-                return None
-            self.buffer = torch.from_numpy(batch).cuda().contiguous()  # kept alive until the next call
-            self.count += 1
-            return [int(self.buffer.data_ptr())]
-
-        def read_calibration_cache(self):
-            if cache_path is not None and cache_path.is_file():
-                log.info("using INT8 calibration cache %s", cache_path)
-                return cache_path.read_bytes()
-            return None
-
-        def write_calibration_cache(self, cache) -> None:  # noqa: ANN001
-            if cache_path is not None:
-                atomic_write_bytes(cache_path, bytes(cache))
-
-    return _Calibrator()
-
-
 # ---------------------------------------------------------------------------------------------- build
 @dataclass
 class EngineBuild:
@@ -175,72 +142,68 @@ class EngineBuild:
 
 def engine_sidecar(device: Mapping[str, str], precision: str, profile: Mapping[str, list[int]], onnx_sha256: str,
                    contract: Mapping[str, Any], build_seconds: float | None = None,
-                   workspace_gb: float | None = None) -> dict[str, Any]:
+                   workspace_gb: float | None = None, onnx_name: str | None = None) -> dict[str, Any]:
     """The JSON written next to an engine (pure; tested without TensorRT)."""
     return {
-        "format": "tensorrt_engine", "tensorrt_version": device["tensorrt_version"], "gpu_name": device["gpu_name"],
-        "compute_capability": device["compute_capability"], "precision": precision, "profile": dict(profile),
-        "onnx_sha256": onnx_sha256, "fingerprint": contract.get("fingerprint", ""),
-        "contract": {**contract, "precision": precision}, "build_seconds": build_seconds,
-        "workspace_gb": workspace_gb,
+        "format": "tensorrt_engine", "tensorrt_version": device["tensorrt_version"],
+        "tensorrt_major": tensorrt_major(device["tensorrt_version"]), "build_mode": BUILD_MODE,
+        "gpu_name": device["gpu_name"], "compute_capability": device["compute_capability"], "precision": precision,
+        "profile": dict(profile), "onnx_name": onnx_name, "onnx_sha256": onnx_sha256,
+        "fingerprint": contract.get("fingerprint", ""), "contract": {**contract, "precision": precision},
+        "build_seconds": build_seconds, "workspace_gb": workspace_gb,
     }
 
 
-def engine_mode(onnx_precision: str, precision: str, have_calib_images: bool, have_calib_cache: bool) -> str:
-    """How an engine of ``precision`` is built from an ONNX file of ``onnx_precision`` (pure, tested without
-    TensorRT): "explicit" for a Q/DQ int8 file (``ctxsim export --int8``: its scales are in the graph, no
-    calibrator), "calibrate" for int8 from fp32 (TensorRT's calibrator), "plain" otherwise."""
-    if onnx_precision == "int8":
-        if precision != "int8":
-            raise ConfigError("model.int8.onnx holds int8 scales: build it with precision int8, or build "
-                              f"{precision} from the fp32 model.onnx")
-        return "explicit"
-    if onnx_precision != "fp32":
-        raise ConfigError(f"build engines from the fp32 model.onnx (or model.int8.onnx for int8), not an "
-                          f"{onnx_precision} file (TensorRT picks fp16/int8 kernels itself)")
-    if precision == "int8":
-        if not (have_calib_images or have_calib_cache):
-            raise ConfigError("an int8 engine needs calibration images (--calib FOLDER), a calibration cache, or "
-                              "the Q/DQ model.int8.onnx (ctxsim export --int8)")
-        return "calibrate"
-    return "plain"
+def engine_precision(onnx_precision: str, precision: str | None = None) -> str:
+    """The precision of an engine built from an ONNX file of ``onnx_precision`` (pure, tested without TensorRT).
+
+    A strongly typed network takes its types from the file, so the two must agree; asking for another precision
+    names the file to build from instead."""
+    if onnx_precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"an ONNX file of precision {onnx_precision!r} cannot become an engine; build from "
+                          f"{', '.join(ONNX_FOR_PRECISION.values())}")
+    if precision is None or precision == onnx_precision:
+        return onnx_precision
+    if precision not in ENGINE_PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
+    how = {"fp16": "ctxsim export (fp16 is on by default)", "int8": "ctxsim export --int8"}.get(precision, "")
+    raise ConfigError(f"{precision} engines are built from {ONNX_FOR_PRECISION[precision]}, not from an "
+                      f"{onnx_precision} file (engines are strongly typed: the file's types decide)"
+                      + (f"; write it with {how}" if how else ""))
 
 
-def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "fp16",
-                 calib_images: str | Path | None = None, min_batch: int = 1, opt_batch: int = 16,
-                 max_batch: int = 64, workspace_gb: float = 2.0, timing_cache: str | Path | None = None,
-                 calib_batch_size: int = 16, calib_limit: int | None = 512, calib_cache: str | Path | None = None,
-                 calib_algorithm: str = "entropy") -> EngineBuild:
-    """Build ``out_dir/model.<precision>.engine`` (+ sidecar JSON) from a ctxsim ONNX file on this GPU.
+def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str | None = None, min_batch: int = 1,
+                 opt_batch: int = 16, max_batch: int = 64, workspace_gb: float = 2.0,
+                 timing_cache: str | Path | None = None) -> EngineBuild:
+    """Build ``out_dir/model.<precision>.engine`` (+ sidecar JSON) from a ctxsim ONNX file on this GPU, as a
+    strongly typed network (the one path TensorRT 10 and 11 share).
 
-    ``precision`` fp32 | fp16 | int8. INT8 from model.onnx needs ``calib_images`` (a folder of representative real
-    images, preprocessed with the model's contract; entropy calibration, or ``calib_algorithm="minmax"``) or an
-    existing ``calib_cache``; layers without INT8 kernels fall back to fp16. INT8 from the Q/DQ model.int8.onnx
-    uses the scales in the graph (explicit quantisation, strongly typed network, no calibrator). ``timing_cache``
-    (a file) is read if present and written back after the build. The batch profile is [min_batch, opt_batch,
-    max_batch].
+    The engine's precision is the file's: model.onnx -> fp32, model.fp16.onnx -> fp16, model.int8.onnx (Q/DQ,
+    ``ctxsim export --int8``) -> int8; ``precision``, when given, must agree. The file is checked against
+    onnx-tensorrt's operator matrix for the installed major before parsing. ``timing_cache`` (a file) is read if
+    present and written back after the build. The batch profile is [min_batch, opt_batch, max_batch].
     """
     from ctxsim.export.onnx_export import read_onnx_contract
 
-    if precision not in ENGINE_PRECISIONS:
+    if precision is not None and precision not in ENGINE_PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {precision!r}")
     if not 1 <= int(min_batch) <= int(opt_batch) <= int(max_batch):
         raise ConfigError(f"need 1 <= min_batch <= opt_batch <= max_batch, got {min_batch}, {opt_batch}, {max_batch}")
-    if calib_algorithm not in ("entropy", "minmax"):
-        raise ConfigError(f"calib_algorithm must be entropy or minmax, got {calib_algorithm!r}")
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     contract = read_onnx_contract(onnx_path)
-    # a calibration cache is only valid for the model it was made with: the default name carries its fingerprint
-    cache_file = Path(calib_cache) if calib_cache else out_dir / f"calibration.{contract['fingerprint']}.cache"
-    explicit = engine_mode(contract.get("precision", "fp32"), precision, calib_images is not None,
-                           cache_file.is_file()) == "explicit"
-    trt = import_tensorrt()
+    precision = engine_precision(contract.get("precision", "fp32"), precision)
+    import_tensorrt()  # the install hint, or a refusal naming the supported majors
+    import tensorrt as trt  # by name, so that mypy checks every call below against the TensorRT stubs
+
+    from ctxsim.export.trt_compat import check_onnx_for_tensorrt
+
     device = current_device()
+    major = tensorrt_major(device["tensorrt_version"])
+    check_onnx_for_tensorrt(onnx_path, majors=(major,))  # one line naming the operator, not a parser dump
 
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    # explicit batch is the only mode in TensorRT 10; a Q/DQ graph is built strongly typed, its types decide
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if explicit else 0
+    flags = network_flags(major, int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if major == 10 else 0)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse(onnx_path.read_bytes()):
@@ -252,19 +215,8 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
     name, rest = contract["input_name"], list(contract["input_shape"][1:])
     shapes = {"min": [int(min_batch), *rest], "opt": [int(opt_batch), *rest], "max": [int(max_batch), *rest]}
     profile = builder.create_optimization_profile()
-    profile.set_shape(name, shapes["min"], shapes["opt"], shapes["max"])
+    profile.set_shape(name, trt.Dims(shapes["min"]), trt.Dims(shapes["opt"]), trt.Dims(shapes["max"]))
     config.add_optimization_profile(profile)
-    if precision in ("fp16", "int8") and not explicit:  # strongly typed networks take no precision flags
-        config.set_flag(trt.BuilderFlag.FP16)
-    if precision == "int8" and not explicit:
-        config.set_flag(trt.BuilderFlag.INT8)
-        batches: Iterator[np.ndarray] = (calibration_batches(calib_images, contract, calib_batch_size, calib_limit)
-                                         if calib_images is not None else iter(()))
-        config.int8_calibrator = _make_calibrator(trt, batches, calib_batch_size, cache_file, calib_algorithm)
-        calib_profile = builder.create_optimization_profile()
-        calib_shape = [int(calib_batch_size), *rest]
-        calib_profile.set_shape(name, calib_shape, calib_shape, calib_shape)
-        config.set_calibration_profile(calib_profile)
 
     cache = None
     if timing_cache is not None:
@@ -277,10 +229,10 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str = "f
     seconds = time.perf_counter() - t0
     if serialized is None:
         raise ArtifactError(f"TensorRT could not build a {precision} engine from {onnx_path.name}; "
-                            "see the TensorRT log above, or try another precision or a larger workspace")
+                            "see the TensorRT log above, or try a larger workspace")
     engine_path = out_dir / f"model.{precision}.engine"
     sidecar = engine_sidecar(device, precision, shapes, sha256_file(onnx_path), contract, round(seconds, 1),
-                             workspace_gb)
+                             workspace_gb, onnx_path.name)
     atomic_write_bytes(engine_path, bytes(serialized))
     sidecar["engine_sha256"] = sha256_file(engine_path)
     atomic_write_json(sidecar_path(engine_path), sidecar)
@@ -299,7 +251,9 @@ class TensorRTRunner:
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path} not found")
-        trt = import_tensorrt()
+        import_tensorrt()
+        import tensorrt as trt  # by name: mypy checks these calls against the stubs
+
         _require_cuda()
         self.sidecar = read_sidecar(self.path)
         if check_device:
@@ -339,7 +293,7 @@ class TensorRTRunner:
         return np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)
 
 
-def _torch_dtype(trt, dtype):
+def _torch_dtype(trt, dtype):  # noqa: ANN001 - the tensorrt module and its DataType
     import torch
 
     table = {trt.float32: torch.float32, trt.float16: torch.float16}

@@ -115,6 +115,44 @@ def test_fp16_variant_keeps_float32_io(convnet_export, convnet_run):
     assert got.dtype == np.float32 and _cos(ref, got).min() > 0.999
 
 
+def _input_types(proto) -> list[tuple[str, int]]:
+    """(op_type, element type of the node's first input) for every node, by ONNX shape inference."""
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    g = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*g.value_info, *g.input, *g.output]}
+    types.update({i.name: i.data_type for i in g.initializer})
+    return [(n.op_type, types.get(n.input[0], 0)) for n in g.node if n.input]
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_fp16_graph_is_typed_with_normalisations_in_float32(tmp_path, monkeypatch, keep):
+    """The fp16 file is what a strongly typed TensorRT engine is built from, so its types are the engine's: convs
+    in fp16, every LayerNorm (here timm ConvNeXt's 16 inside the backbone, and the head's) and the L2
+    normalisation in float32. Without the keep-list the backbone's LayerNorms are fp16, and the check sees it."""
+    import ctxsim.export.onnx_export as onnx_export
+    from ctxsim.data.transforms import Preprocess
+    from ctxsim.nets import EmbeddingNet, ModelSpec, save_model
+
+    if not keep:
+        monkeypatch.setattr(onnx_export, "FP32_KEEP", ())
+        monkeypatch.setattr(onnx_export, "keep_fp32", lambda module, keep=(): 0)
+    torch.manual_seed(0)
+    net = EmbeddingNet(ModelSpec(backbone="timm:convnext_atto", pretrained=None, embedding_dim=32, pooling="max",
+                                 frozen_bn=False))
+    save_model(tmp_path / "run", net, Preprocess.imagenet(64, 64))
+    result = export_onnx(tmp_path / "run", tmp_path / "out", fp16=True)
+    ops = _input_types(onnx.load(str(result.fp16_path)))
+    f16, f32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    assert {t for op, t in ops if op == "Conv"} == {f16}
+    layer_norms = [t for op, t in ops if op == "LayerNormalization"]
+    assert len(layer_norms) == 17
+    assert [t for op, t in ops if op == "ReduceL2"] == [f32]
+    if keep:
+        assert set(layer_norms) == {f32}
+    else:
+        assert layer_norms.count(f16) == 16  # the planted defect: the same check fails on it
+
+
 def test_simplify_with_onnxslim_keeps_outputs_and_metadata(tmp_path, convnet_run, convnet_export):
     result = export_onnx(convnet_run, tmp_path / "slim", simplify=True)
     assert read_onnx_contract(result.onnx_path) == convnet_export.contract

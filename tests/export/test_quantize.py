@@ -10,7 +10,8 @@ from PIL import Image
 
 from ctxsim.errors import ConfigError
 from ctxsim.export import check_parity, open_runner, quantize_onnx, read_onnx_contract
-from ctxsim.export.quantize import image_batches, run_calibration_images
+from ctxsim.export.contract import preprocess_batch
+from ctxsim.export.quantize import calibration_batches, image_batches, list_images, run_calibration_images
 
 LIMIT = 400
 
@@ -36,6 +37,31 @@ def test_int8_onnx_is_qdq_and_passes_int8_parity(int8_onnx, convnet_run, convnet
     assert r.precision == "int8" and r.thresholds["p1_cosine"] == 0.98  # judged at the int8 thresholds
     assert r.passed, r.failures
     assert r.embedding["cosine_p50"] < 0.99999  # really computed in int8, not a copy of the fp32 graph
+
+
+def test_int8_onnx_is_what_tensorrt_parses(int8_onnx):
+    """onnx-tensorrt takes DequantizeLinear of INT8 tensors with zero points 0 only: ONNX Runtime's default int32
+    bias quantisation made 6 DequantizeLinear of INT32 in the demo model; biases must stay float."""
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(int8_onnx))
+    inits = {i.name: i for i in proto.graph.initializer}
+    produced_by = {out: n for n in proto.graph.node for out in n.output}
+    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq
+    for n in dq:
+        x = n.input[0]
+        x_type = inits[x].data_type if x in inits else None  # activations: the output of a QuantizeLinear
+        assert x_type == onnx.TensorProto.INT8 or getattr(produced_by.get(x), "op_type", None) == "QuantizeLinear", n.name
+        if len(n.input) > 2 and n.input[2]:
+            assert not numpy_helper.to_array(inits[n.input[2]]).any(), f"{n.name}: nonzero zero point"
+    for n in proto.graph.node:
+        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2]:
+            zp = inits[n.input[2]]
+            assert zp.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(zp).any(), n.name
+    convs = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
+    assert convs and all(n.input[2] in inits and inits[n.input[2]].data_type == onnx.TensorProto.FLOAT
+                         for n in convs)  # biases stay float
 
 
 def test_bad_calibration_is_caught_by_parity(tmp_path, convnet_run, convnet_export):
@@ -84,3 +110,22 @@ def test_export_run_int8_into_the_manifest(tmp_path, convnet_run):
     assert m["artifacts"]["model.int8.onnx"]["precision"] == "int8" and m["parity"]["model.int8.onnx"]["passed"]
     assert open_runner(result.int8_path).run(np.zeros((3, 1, 28, 28), np.float32)).shape == (3, 64)
     json.dumps(result.to_dict())
+
+
+def test_calibration_batches_are_preprocessed_real_images(tmp_path, omniglot_images, convnet_export):
+    folder = tmp_path / "calib" / "sub"
+    folder.mkdir(parents=True)
+    for i, im in enumerate(omniglot_images[:20]):
+        im.save(folder / f"{i:02d}.png")
+    (folder / "notes.txt").write_text("not an image")
+    batches = list(calibration_batches(tmp_path / "calib", convnet_export.contract, batch_size=8, limit=None))
+    assert len(batches) == 2 and all(b.shape == (8, 1, 28, 28) and b.dtype == np.float32 for b in batches)
+    files = list_images(tmp_path / "calib")
+    np.testing.assert_array_equal(batches[0], preprocess_batch([Image.open(p) for p in files[:8]],
+                                                               convnet_export.contract))
+    assert len(list_images(tmp_path / "calib", limit=5)) == 5
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        list(calibration_batches(tmp_path / "calib", convnet_export.contract, batch_size=64))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no images"):
+        list_images(tmp_path / "empty")
