@@ -139,7 +139,9 @@ class _Uint8Input(nn.Module):
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        # cast first: TensorRT takes UINT8 only as a network input or output (onnx-tensorrt's matrix), and the
+        # transpose commutes with the cast, so the numbers are the same
+        x = x.to(torch.float32).permute(0, 3, 1, 2) / 255.0
         return self.net((x - self.mean) / self.std)
 
 
