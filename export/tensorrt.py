@@ -27,13 +27,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
 from ctxsim.export.contract import check_batch
 from ctxsim.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+
+if TYPE_CHECKING:  # annotations only: tensorrt is imported inside the functions that run it
+    import tensorrt as trt
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +89,10 @@ def current_device() -> dict[str, str]:
     """This machine's GPU name, compute capability ("8.7") and TensorRT version, as the sidecar records them."""
     import torch
 
-    version = str(import_tensorrt().__version__)
+    import_tensorrt()
+    import tensorrt as trt
+
+    version = trt.__version__
     _require_cuda()
     major, minor = torch.cuda.get_device_capability()
     return {"gpu_name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}",
@@ -236,7 +243,7 @@ def build_engine(onnx_path: str | Path, out_dir: str | Path, precision: str | No
     atomic_write_bytes(engine_path, bytes(serialized))
     sidecar["engine_sha256"] = sha256_file(engine_path)
     atomic_write_json(sidecar_path(engine_path), sidecar)
-    if cache is not None:
+    if cache is not None and timing_cache is not None:
         atomic_write_bytes(timing_cache, bytes(cache.serialize()))
     return EngineBuild(engine_path, sidecar_path(engine_path), sidecar)
 
@@ -267,7 +274,7 @@ class TensorRTRunner:
             raise ArtifactError(f"TensorRT cannot load {self.path.name}; rebuild it on this device")
         self.context = self.engine.create_execution_context()
         self._in, self._out = self.contract["input_name"], self.contract["output_name"]
-        self._out_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self._out))
+        self._out_dtype = _torch_dtype(self.engine.get_tensor_dtype(self._out))
         self._device = torch.device("cuda")
         self.name = "tensorrt"
 
@@ -293,11 +300,11 @@ class TensorRTRunner:
         return np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)
 
 
-def _torch_dtype(trt, dtype):  # noqa: ANN001 - the tensorrt module and its DataType
+def _torch_dtype(dtype: "trt.DataType") -> "torch.dtype":
+    import tensorrt as trt
     import torch
 
     table = {trt.float32: torch.float32, trt.float16: torch.float16}
     if dtype not in table:
         raise ArtifactError(f"unexpected engine output dtype {dtype}; rebuild the engine from a ctxsim ONNX file")
     return table[dtype]
-
