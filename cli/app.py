@@ -23,7 +23,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 def train(
     recipe: Optional[str] = typer.Option(None, help="Shipped recipe name (see `ctxsim recipes`) or a YAML path."),
     config: Optional[Path] = typer.Option(None, help="A YAML config file (applied after the recipe)."),
-    data: Optional[str] = typer.Option(None, help="Dataset root (sets data.root)."),
+    data: Optional[str] = typer.Option(None, help="Dataset root (sets data.root); omniglot-mini names the Omniglot "
+                                                  "sample shipped in the package (no path)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run folder to create."),
     set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=3e-4 (repeatable)."),
     epochs: Optional[int] = typer.Option(None, help="Number of epochs (sets epochs)."),
@@ -105,14 +106,18 @@ def load_yaml_raw(path: Path) -> dict:
     return yaml.safe_load(path.read_text()) or {}
 
 
-@app.command(epilog="Example: ctxsim demo --out runs/demo")
+@app.command(epilog="Example: ctxsim demo --out runs/demo   (or: ctxsim demo --dataset digits)")
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its run, export and index."),
-         epochs: int = typer.Option(5, help="Training epochs on the digits set.")) -> None:
-    """Offline end-to-end demo on scikit-learn's digits: train, evaluate, export + parity, index, search, bench."""
+         dataset: str = typer.Option("omniglot-mini", help="omniglot-mini (the Omniglot sample shipped in the "
+                                                           "package) or digits (scikit-learn's 8x8 digits)."),
+         epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the dataset's demo recipe).")
+         ) -> None:
+    """Offline end-to-end demo on a shipped real sample: train, evaluate on unseen classes (untrained vs trained),
+    export + parity, index, search, bench; writes summary.json and learning_curve.png beside its outputs."""
     from ctxsim.demo import run_demo
 
     with new_progress() as p:
-        summary = run_demo(out, epochs=epochs, callback=TrainingDisplay(p), say=p.console.print)
+        summary = run_demo(out, epochs=epochs, callback=TrainingDisplay(p), say=p.console.print, dataset=dataset)
     for title, rows in summary.tables.items():
         console.print(metrics_table(title, rows))
     for name, path in summary.files.items():
@@ -123,8 +128,11 @@ from ctxsim.cli.export_cmds import register as _register_export  # noqa: E402
 
 from ctxsim.cli.deploy_cmds import register as _register_deploy  # noqa: E402
 
+from ctxsim.cli.verify_cmds import register as _register_verify  # noqa: E402
+
 _register_export(app)
 _register_deploy(app)
+_register_verify(app)
 
 
 def main() -> None:
@@ -132,7 +140,10 @@ def main() -> None:
     try:
         app()
     except CtxsimError as e:
-        err_console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)  # one line, never wrapped
+        from rich.markup import escape
+
+        # one line, never wrapped; escaped, so "pip install 'ctxsim[cpu]'" is not read as rich markup
+        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -151,13 +151,17 @@ def register(app: typer.Typer) -> None:
             w, h = write_grid(results, grid, thumb=thumb)
             console.print(f"grid: {grid} ({w}x{h})")
 
-    @app.command("serve", epilog="Example: ctxsim serve idx --port 8000 --token $CTXSIM_TOKEN")
+    @app.command("serve", epilog="Example: ctxsim serve idx --port 8000 --token-file /run/secrets/ctxsim_token "
+                                 "(or export CTXSIM_TOKEN=...)")
     def serve_cmd(
         index_dir: Path = typer.Argument(..., help="An index folder."),
         model: Optional[Path] = typer.Option(None, help="Model (default: the one in index.json)."),
         host: str = typer.Option("127.0.0.1", help="Interface to listen on (loopback by default)."),
         port: int = typer.Option(8000, help="TCP port."),
-        token: Optional[str] = typer.Option(None, envvar="CTXSIM_TOKEN", help="Require 'Authorization: Bearer TOKEN'."),
+        token: Optional[str] = typer.Option(None, envvar="CTXSIM_TOKEN", help="Require 'Authorization: Bearer TOKEN' "
+                                            "(prefer --token-file or CTXSIM_TOKEN: a --token value shows in the "
+                                            "process list)."),
+        token_file: Optional[Path] = typer.Option(None, help="Read the required bearer token from this file."),
         max_upload_mb: float = typer.Option(10.0, help="Largest accepted upload (MB)."),
         max_pixels: int = typer.Option(40_000_000, help="Largest accepted image (pixels)."),
         max_batch: int = typer.Option(32, help="Largest dynamic batch."),
@@ -177,8 +181,13 @@ def register(app: typer.Typer) -> None:
         import logging
 
         from ctxsim.cli.console import show_logs
-        from ctxsim.deploy.serve import serve
+        from ctxsim.deploy.serve import read_token_file, serve
+        from ctxsim.errors import ConfigError
 
+        if token_file is not None:
+            if token:
+                raise ConfigError("give the token once: --token-file, or --token / CTXSIM_TOKEN")
+            token = read_token_file(token_file)
         show_logs(logging.INFO)  # a long-running server says when it reloads the index
         console.print(f"serving {index_dir} on http://{host}:{port}" + (" (token required)" if token else ""))
         serve(index_dir, host=host, port=port, token=token, model=model,

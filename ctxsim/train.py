@@ -13,12 +13,22 @@ wait for its record, which is broadcast so every rank returns the same RunResult
 same seed on every rank (DDP also broadcasts rank 0's weights); the per-epoch augmentation seed is
 ``seed * 100003 + epoch + 1000003 * rank``, so ranks draw different augmentations and rank 0 draws what a single
 process would.
+
+Checkpoints (docs/RELIABILITY.md): ``checkpoints/last.safetensors`` is one file, written atomically, holding the
+weights, the trainer state (optimizer, scheduler, scaler, loss, epoch, the metrics history and the best-so-far
+record) and a sha256 of its data; its replacement at the end of an epoch is the one commit point. What follows it,
+``checkpoints/best.safetensors`` and ``metrics.jsonl``, is derived from it and repaired on resume, so resume after
+a kill at any point continues exactly, or refuses with one line.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import logging
 import math
 import random
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +37,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+import safetensors.torch
 
 from ctxsim import distributed as dist_utils
 from ctxsim.config import TrainConfig, config_from_dict
 from ctxsim.errors import ArtifactError, ConfigError, TrainingDiverged
-from ctxsim.io import atomic_path, atomic_write_json, atomic_write_text, read_json
+from ctxsim.io import atomic_path, atomic_write_safetensors, atomic_write_text, read_json, sweep_stale_temps
 from ctxsim.losses import build_loss
 from ctxsim.losses import get_loss_class as build_loss_class
 from ctxsim.nets import EmbeddingNet, load_weights_file, save_model
@@ -40,6 +50,148 @@ from ctxsim.runs import evaluate_model
 
 log = logging.getLogger(__name__)
 Callback = Callable[..., None]  # callback(event: str, **info)
+
+LAST, BEST = "last.safetensors", "best.safetensors"   # in run_dir/checkpoints
+CHECKPOINT_FORMAT = "ctxsim-checkpoint-2"
+_STATE_KEY = "__ctxsim_trainer_state__"                 # the trainer state: torch.save bytes as a uint8 tensor
+_LEGACY_STATE, _LEGACY_BEST = "last.state.pt", "best.json"  # the old two-file layout, read for resume
+_SHA_PLACEHOLDER = "0" * 64
+
+
+@dataclass
+class Checkpoint:
+    """A verified last checkpoint: the weights and the trainer state of the same epoch."""
+    epoch: int
+    weights: dict[str, torch.Tensor]
+    state: dict[str, Any]   # optimizer, scheduler, scaler, loss, loss_optimizer, history, best
+    legacy: bool = False    # read from the old last.safetensors + last.state.pt pair
+
+
+def _split_header(data: bytes | memoryview, path: Path) -> tuple[int, dict[str, Any]]:
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        if n > len(data) - 8:
+            raise ValueError("header longer than the file")
+        header = json.loads(bytes(data[8:8 + n]))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return n, header
+    except (struct.error, ValueError) as e:
+        raise ArtifactError(f"{path} is not a readable safetensors file ({e}); it is damaged") from None
+
+
+def write_checkpoint(path: str | Path, weights: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """Write one safetensors file, atomically: ``weights``, ``state`` (torch.save bytes as a uint8 tensor) and, in
+    its metadata, the format, ``state["epoch"]`` and the sha256 of its data section."""
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    tensors = {**weights, _STATE_KEY: torch.frombuffer(buf.getbuffer(), dtype=torch.uint8)}
+    meta = {"format": CHECKPOINT_FORMAT, "epoch": str(int(state["epoch"])), "sha256": _SHA_PLACEHOLDER}
+    data = memoryview(safetensors.torch.save(tensors, meta))
+    del tensors
+    n, _ = _split_header(data, Path(path))
+    header = bytes(data[8:8 + n])
+    placeholder = f'"sha256":"{_SHA_PLACEHOLDER}"'.encode()
+    if header.count(placeholder) != 1:
+        raise RuntimeError("unexpected safetensors header layout")  # a bug, not a user error
+    digest = hashlib.sha256(data[8 + n:]).hexdigest()
+    header = header.replace(placeholder, f'"sha256":"{digest}"'.encode())  # same length: offsets unchanged
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        for chunk in (data[:8], header, data[8 + n:]):
+            f.write(chunk)
+
+
+def read_checkpoint(run_dir: str | Path) -> Checkpoint:
+    """Read and verify ``run_dir/checkpoints/last.safetensors`` (or the old two-file layout).
+
+    Raises ArtifactError (one line) for a missing, damaged or inconsistent checkpoint.
+    """
+    run_dir = Path(run_dir)
+    ck = run_dir / "checkpoints"
+    path = ck / LAST
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{run_dir} has no complete checkpoint (checkpoints/{LAST}) to resume from; "
+                            "start the run again with `ctxsim train`") from None
+    n, header = _split_header(data, path)
+    meta = header.get("__metadata__") or {}
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        return _read_legacy_checkpoint(run_dir, data, meta)
+    if hashlib.sha256(memoryview(data)[8 + n:]).hexdigest() != meta.get("sha256"):
+        raise ArtifactError(f"{path} is damaged (its data does not match its sha256); "
+                            "restore it from a copy or start the run again")
+    try:
+        tensors = safetensors.torch.load(data)
+        blob = tensors.pop(_STATE_KEY)
+        state = torch.load(io.BytesIO(blob.numpy().tobytes()), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArtifactError(f"{path} is damaged ({e.__class__.__name__}); restore it from a copy or start the run "
+                            "again") from None
+    try:
+        epoch = int(state["epoch"])
+        consistent = (str(epoch) == meta.get("epoch")
+                      and [r["epoch"] for r in state["history"]] == list(range(1, epoch + 1)))
+    except (KeyError, TypeError, ValueError):
+        epoch, consistent = -1, False
+    if not consistent:
+        raise ArtifactError(f"{path} is inconsistent (its header, state and history disagree on the epoch); "
+                            "restore it from a copy or start the run again")
+    return Checkpoint(epoch, tensors, state)
+
+
+def _read_legacy_checkpoint(run_dir: Path, data: bytes, meta: dict[str, str]) -> Checkpoint:
+    """The old layout: last.safetensors (weights, metadata epoch) + last.state.pt, history in metrics.jsonl,
+    best in best.json + best.safetensors. Accepted only when all agree; they were not written as one unit."""
+    ck = run_dir / "checkpoints"
+    refuse = (f"{ck} holds an old-layout checkpoint from an interrupted write ({{}}); it cannot be resumed "
+              "exactly: start the run again with `ctxsim train`")
+    if not (ck / _LEGACY_STATE).exists():
+        raise ArtifactError(refuse.format(f"{LAST} without {_LEGACY_STATE}"))
+    try:
+        weights = safetensors.torch.load(data)
+        state = torch.load(ck / _LEGACY_STATE, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ArtifactError(f"{ck} holds a damaged old-layout checkpoint ({e.__class__.__name__}); "
+                            "start the run again with `ctxsim train`") from None
+    epoch = int(state["epoch"])
+    if meta.get("epoch") != str(epoch):
+        raise ArtifactError(refuse.format(f"{LAST} is epoch {meta.get('epoch')}, {_LEGACY_STATE} epoch {epoch}"))
+    try:
+        history = [r for r in read_history(run_dir) if r["epoch"] <= epoch]
+    except (ValueError, KeyError, TypeError):
+        history = []
+    if [r["epoch"] for r in history] != list(range(1, epoch + 1)):
+        raise ArtifactError(refuse.format(f"metrics.jsonl does not hold epochs 1-{epoch}"))
+    best = None
+    if (ck / _LEGACY_BEST).exists():
+        try:
+            b = read_json(ck / _LEGACY_BEST)
+            best = {"epoch": int(b["epoch"]), "metric": str(b["metric"]), "value": float(b["value"])}
+        except (ArtifactError, KeyError, TypeError, ValueError):
+            best = None
+        if best is None or best["epoch"] > epoch or _best_meta(ck / BEST).get("epoch") != str(best["epoch"]):
+            raise ArtifactError(refuse.format(f"{_LEGACY_BEST} does not match {BEST} and {LAST}"))
+    return Checkpoint(epoch, weights, {**state, "history": history, "best": best}, legacy=True)
+
+
+def _best_meta(path: Path) -> dict[str, str]:
+    """The metadata of a best.safetensors, {} when it is missing or unreadable."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            (n,) = struct.unpack("<Q", head)
+            return json.loads(f.read(n)).get("__metadata__") or {}
+    except (OSError, struct.error, ValueError):
+        return {}
+
+
+def read_best(run_dir: str | Path) -> dict[str, Any] | None:
+    """``{"epoch", "metric", "value"}`` of ``checkpoints/best.safetensors`` (the best R@1 so far), or None."""
+    meta = _best_meta(Path(run_dir) / "checkpoints" / BEST)
+    if not {"epoch", "metric", "value"} <= meta.keys():
+        return None
+    return {"epoch": int(meta["epoch"]), "metric": meta["metric"], "value": float(meta["value"])}
 
 
 @dataclass
@@ -147,6 +299,7 @@ class Trainer:
         self.epoch = 0
         self.step_in_epoch = 0
         self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] | None = None  # {"epoch", "metric", "value"} of the best R@1 so far
         self.tb = None
 
     def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
@@ -164,57 +317,76 @@ class Trainer:
         atomic_write_text(self.run_dir / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
 
     def _write_metrics(self) -> None:
-        import json
-
         atomic_write_text(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in self.history))
 
     def _save_checkpoint(self) -> None:
+        """The end of an epoch's one commit point: weights + trainer state + history + best record, one file."""
         ck = self.run_dir / "checkpoints"
         state = {"epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                  "loss": self.loss.state_dict(),
-                 "loss_optimizer": self.loss_optimizer.state_dict() if self.loss_optimizer else None}
-        with atomic_path(ck / "last.state.pt") as tmp:
-            torch.save(state, tmp)
-        self._save_weights(ck / "last.safetensors")
+                 "loss_optimizer": self.loss_optimizer.state_dict() if self.loss_optimizer else None,
+                 "history": self.history, "best": self.best}
+        write_checkpoint(ck / LAST, self._weights(), state)
+        for name in (_LEGACY_STATE, _LEGACY_BEST):  # an old-layout run resumed: its pair is superseded now
+            (ck / name).unlink(missing_ok=True)
 
-    def _save_weights(self, path: Path) -> None:
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
-        with atomic_path(path) as tmp:
-            save_file(weights, str(tmp), metadata={"epoch": str(self.epoch)})
+    def _weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
 
-    def _update_best(self, record: dict[str, Any]) -> None:
-        """Keep checkpoints/best.safetensors at the best R@1 so far: on the validation classes when the run has
-        them, else on the test classes (what the paper's scripts do; prefer data.val_classes > 0)."""
+    def _save_best(self, weights: dict[str, torch.Tensor] | None = None) -> None:
+        b = self.best
+        atomic_write_safetensors(self.run_dir / "checkpoints" / BEST, weights or self._weights(),
+                                 {"epoch": str(b["epoch"]), "metric": b["metric"], "value": repr(b["value"])})
+
+    def _track_best(self, record: dict[str, Any]) -> bool:
+        """Note the best R@1 so far: on the validation classes when the run has them, else on the test classes
+        (what the paper's scripts do; prefer data.val_classes > 0). True when this epoch is the new best."""
         key = "val/R@1" if "val/R@1" in record else "test/R@1"
-        if key not in record:
-            return
-        best_file = self.run_dir / "checkpoints" / "best.json"
-        best = read_json(best_file) if best_file.exists() else {"value": -1.0}
-        if record[key] > best["value"]:
-            self._save_weights(self.run_dir / "checkpoints" / "best.safetensors")
-            atomic_write_json(best_file, {"epoch": self.epoch, "metric": key, "value": record[key]})
+        if key not in record or (self.best is not None and record[key] <= self.best["value"]):
+            return False
+        self.best = {"epoch": self.epoch, "metric": key, "value": float(record[key])}
+        return True
 
     def load_checkpoint(self) -> None:
-        ck = self.run_dir / "checkpoints"
-        if not (ck / "last.safetensors").exists():
-            raise ArtifactError(f"{self.run_dir} has no checkpoints/last.safetensors to resume from")
-        state = torch.load(ck / "last.state.pt", map_location=self.device, weights_only=True)
-        weights = load_file(str(ck / "last.safetensors"))
-        self.model.load_state_dict(weights)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        self.loss.load_state_dict(state["loss"])
-        if self.loss_optimizer and state["loss_optimizer"]:
-            self.loss_optimizer.load_state_dict(state["loss_optimizer"])
-        self.epoch = int(state["epoch"])
-        metrics = self.run_dir / "metrics.jsonl"
-        if metrics.exists():
-            import json
+        """Restore the last checkpoint (verified) and repair what is derived from it (best, metrics.jsonl)."""
+        c = read_checkpoint(self.run_dir)
+        state = c.state
+        try:
+            self.model.load_state_dict(c.weights)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.loss.load_state_dict(state["loss"])
+            if self.loss_optimizer and state["loss_optimizer"]:
+                self.loss_optimizer.load_state_dict(state["loss_optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise ArtifactError(f"{self.run_dir / 'checkpoints' / LAST} does not fit this run's config.yaml "
+                                f"({str(e).splitlines()[0]}); resume with the config it was trained with") from None
+        self.epoch = c.epoch
+        self.history = list(state["history"])
+        self.best = state["best"]
+        if self.is_main:
+            self._repair(c)
 
-            lines = metrics.read_text().splitlines()
-            self.history = [r for r in map(json.loads, filter(None, lines)) if r["epoch"] <= self.epoch]
+    def _repair(self, c: Checkpoint) -> None:
+        """After a kill between the commit and the derived files: rewrite metrics.jsonl from the checkpoint's
+        history and best.safetensors from its best record; remove temporaries of killed writes."""
+        ck = self.run_dir / "checkpoints"
+        self._write_metrics()
+        if self.best is not None:
+            meta = _best_meta(ck / BEST)
+            want = {"epoch": str(self.best["epoch"]), "metric": self.best["metric"], "value": repr(self.best["value"])}
+            if meta != want:
+                if self.best["epoch"] == c.epoch:        # killed before best.safetensors of this epoch was written
+                    self._save_best(c.weights)
+                elif meta.get("epoch") == want["epoch"]:  # old layout: same weights, metadata of this version
+                    self._save_best(safetensors.torch.load_file(str(ck / BEST)))
+                else:
+                    log.warning("%s does not hold the best epoch %d; it is rewritten at the next improvement",
+                                ck / BEST, self.best["epoch"])
+        for folder in (ck, self.run_dir):
+            sweep_stale_temps(folder)
 
     # ---- training ---------------------------------------------------------------------------------------------
     def _set_warmup(self, progress: float) -> None:
@@ -327,8 +499,10 @@ class Trainer:
                 if self.tb:
                     for k, v in record.items():
                         self.tb.add_scalar(k, v, self.epoch)
-                self._save_checkpoint()
-                self._update_best(record)
+                improved = self._track_best(record)
+                self._save_checkpoint()          # the commit; best and metrics follow from it
+                if improved:
+                    self._save_best()
                 self._write_metrics()
             self.callback("epoch", epoch=self.epoch, record=record)
         if self.is_main:
@@ -349,7 +523,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, callback: Callback | None = Non
           weights: str | Path | None = None) -> RunResult:
     """Train a model from a resolved config into ``run_dir`` (config.yaml, model.safetensors, model.json, ...)."""
     run_dir = Path(run_dir)
-    if (run_dir / "checkpoints" / "last.safetensors").exists():
+    if (run_dir / "checkpoints" / LAST).exists():
         raise ConfigError(f"{run_dir} already holds a run; use --resume {run_dir} or another --out")
     trainer = Trainer(cfg, run_dir, callback, weights)
     try:
@@ -376,6 +550,4 @@ def resume(run_dir: str | Path, callback: Callback | None = None, epochs: int | 
 
 def read_history(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / "metrics.jsonl"
-    import json
-
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []

@@ -13,7 +13,11 @@
   runner's contract;
 - a ``.engine`` / ``.plan`` file -> the TensorRT runner of ``ctxsim.export``.
 
-``embed(images)`` takes PIL images, paths or encoded bytes and returns float32 [N, D] L2-normalised embeddings.
+``embed(images)`` takes PIL images, paths or encoded bytes and returns float32 [N, D] L2-normalised embeddings;
+a NaN or infinite embedding raises NonFiniteEmbedding (never an empty search result downstream).
+
+Opening checks the bytes: a run folder's weights against model.json (``ctxsim.nets.load_run``), an export
+artifact against the manifest.json beside it (``ctxsim.export.manifest.check_artifact``); a mismatch is refused.
 ``.fingerprint`` is the model's fingerprint (the index refuses queries from another model), ``.dim`` the
 embedding size, ``.backend`` a short name ("torch:cpu", "onnxruntime:CPUExecutionProvider", "tensorrt", ...).
 
@@ -39,7 +43,7 @@ from PIL import Image
 
 from ctxsim.data.device_decode import JPEG_SUFFIXES
 from ctxsim.data.transforms import Preprocess, eval_transform
-from ctxsim.errors import ArtifactError, ConfigError, DataError, MissingDependency
+from ctxsim.errors import ArtifactError, ConfigError, DataError, MissingDependency, NonFiniteEmbedding
 
 from ctxsim.deploy.gallery import load_image
 
@@ -172,9 +176,11 @@ class _RunnerBackend:
     def __init__(self, path: Path, kind: str, device: str) -> None:
         try:
             from ctxsim.export.contract import preprocess_batch
+            from ctxsim.export.manifest import check_artifact
             from ctxsim.export.runners import open_runner
         except ImportError as e:
             raise MissingDependency(f"{kind} artifacts need ctxsim.export ({e}); reinstall ctxsim") from None
+        check_artifact(path)  # bytes other than the manifest beside it records: refused before they are run
         kwargs: dict[str, Any] = {}
         try:
             params = inspect.signature(open_runner).parameters
@@ -305,9 +311,20 @@ class Embedder:
         if not out:
             dim = self._dim if self._dim is not None else 0
             return np.zeros((0, dim), dtype=np.float32)
-        emb = np.ascontiguousarray(np.concatenate(out), dtype=np.float32)
+        emb = self._finite(np.ascontiguousarray(np.concatenate(out), dtype=np.float32))
         if self._dim is None:
             self._dim = int(emb.shape[1])
+        return emb
+
+    def _finite(self, emb: np.ndarray) -> np.ndarray:
+        """``emb``, or NonFiniteEmbedding naming how many rows hold NaN or inf."""
+        bad = ~np.isfinite(emb).all(axis=1) if emb.ndim == 2 else np.zeros(0, bool)
+        if bad.any():
+            rows = np.flatnonzero(bad).tolist()
+            raise NonFiniteEmbedding(
+                f"{self.backend} model {self.fingerprint} returned NaN or infinite embeddings for {len(rows)} of "
+                f"{len(emb)} image(s); its weights may be damaged (check with `ctxsim verify {self.artifact}`)",
+                emb, rows)
         return emb
 
     def embed_files(self, paths: Sequence[str | os.PathLike]) -> tuple[np.ndarray, list[int], list[tuple[str, str]]]:
@@ -346,7 +363,7 @@ class Embedder:
         dev = self._b.device
         out = [self._b.run(torch.stack([rows[i].to(dev) for i in ok[s:s + self.batch_size]]))
                for s in range(0, len(ok), self.batch_size)]
-        return np.ascontiguousarray(np.concatenate(out), dtype=np.float32), ok, bad
+        return self._finite(np.ascontiguousarray(np.concatenate(out), dtype=np.float32)), ok, bad
 
     def warm_up(self) -> None:
         """Run a lone image and a full batch once, so that a compiled model builds (and tunes) its graphs for both

@@ -9,8 +9,9 @@ A gallery is a list of :class:`GalleryItem` (path, label or None):
   file's folder; blank lines and ``#`` comments are ignored;
 - a Python sequence of paths, ``(path, label)`` pairs or :class:`GalleryItem` s.
 
-Nothing is decoded while scanning. Images are decoded when they are embedded; one that cannot be read is
-skipped and reported as ``(path, reason)`` (see :func:`load_images`), never silently dropped.
+Nothing is decoded while scanning. Images are decoded when they are embedded; one that cannot be read, or that
+is over the decoding limits of :mod:`ctxsim.data.limits` (refused from its header), is skipped and reported as
+``(path, reason)`` (see :func:`load_images`), never silently dropped.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ from typing import Any, Iterable, Iterator, Sequence
 from PIL import Image
 
 from ctxsim.data.datasets import IMG_EXTENSIONS, natural_key, open_image, scan_class_folders
-from ctxsim.errors import DataError
+from ctxsim.data.limits import check_image_size
+from ctxsim.errors import DataError, ImageRefused
 
 __all__ = ["GalleryItem", "Gallery", "open_gallery", "load_image", "load_images"]
 
@@ -141,8 +143,10 @@ def open_gallery(source: str | os.PathLike | Gallery | Sequence[Any]) -> Gallery
 
 
 def load_image(source: Any) -> Image.Image:
-    """Decode one image (a path, bytes, a file object, or a PIL image) as "L" or "RGB"; DataError if unreadable."""
+    """Decode one image (a path, bytes, a file object, or a PIL image) as "L" or "RGB"; DataError if unreadable,
+    ImageRefused (a DataError) if over the limits of ``ctxsim.data.limits`` (a PIL image: its aspect ratio only)."""
     if isinstance(source, Image.Image):
+        check_image_size(*source.size, check_pixels=False)  # decoded already; its resize is still to come
         if source.mode in ("L", "RGB"):
             return source
         return source.convert("L" if source.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
@@ -159,6 +163,8 @@ def image_errors(name: str) -> Iterator[None]:
     """Turn whatever reading or decoding image ``name`` raises into a one-line DataError naming it."""
     try:
         yield
+    except ImageRefused as e:
+        raise e.named(name) from None
     except FileNotFoundError:
         raise DataError(f"image not found: {name}") from None
     except IsADirectoryError:

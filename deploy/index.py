@@ -42,7 +42,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ctxsim.errors import ArtifactError, ConfigError, DataError, FingerprintMismatch, MissingDependency
+from ctxsim.errors import (ArtifactError, ConfigError, DataError, FingerprintMismatch, MissingDependency,
+                           NonFiniteEmbedding)
 from ctxsim.io import atomic_path, atomic_write_json, read_json, sha256_file
 
 __all__ = ["INDEX_TYPES", "Item", "IndexInfo", "Index", "build_index", "add_to_index", "load_index",
@@ -309,6 +310,9 @@ class Index:
                               "embed them with the index's model")
         if not q.flags.c_contiguous:
             q = np.ascontiguousarray(q)
+        if not np.isfinite(q).all():  # FAISS would answer "no neighbours": an error, never an empty result
+            raise NonFiniteEmbedding("query embeddings contain NaN or infinite values; the model that embedded "
+                                     "them is damaged or overflows (check it with `ctxsim verify`)")
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise ConfigError(f"k must be an integer >= 1, got {k!r}")
         return self.backend.search(q, min(int(k), self.info.count))

@@ -3,6 +3,7 @@
 - ``ctxsim_requests_total{path, status}`` and ``ctxsim_request_seconds{path}``: every HTTP request, refused ones
   (401, 413) included, timed from the first byte in to the last byte out;
 - ``ctxsim_batch_size`` and ``ctxsim_batch_seconds``: each dynamic batch the worker embedded (and searched);
+- ``ctxsim_nonfinite_embeddings_total``: images the model embedded as NaN or inf (each such request got 500);
 - ``ctxsim_index_items``, ``ctxsim_index_generation``, ``ctxsim_index_reloads_total``,
   ``ctxsim_index_reload_failures_total``: the served index, read when scraped.
 """
@@ -34,6 +35,8 @@ class ServeMetrics:
                                     buckets=[s for s in sizes if s <= max_batch])
         self.batch_seconds = Histogram("ctxsim_batch_seconds", "time to embed (and search) one batch", registry=r,
                                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        self.nonfinite = Counter("ctxsim_nonfinite_embeddings", "images embedded as NaN or inf (answered 500)",
+                                 registry=r)
         Gauge("ctxsim_index_items", "items in the served index", registry=r).set_function(
             lambda: index_info().count)
         Gauge("ctxsim_index_generation", "generation of the served index", registry=r).set_function(
@@ -46,6 +49,9 @@ class ServeMetrics:
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)
         self.batch_seconds.observe(seconds)
+
+    def observe_nonfinite(self, count: int) -> None:
+        self.nonfinite.inc(count)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest

@@ -2,7 +2,8 @@
 
 Endpoints (``create_app``):
 
-- ``POST /search``: multipart upload (field ``image`` or ``file``), ``k`` as a form field or query parameter;
+- ``POST /search``: multipart upload (field ``image``; ``file`` is a legacy alias, not both), ``k`` as a form field
+  or query parameter;
   returns ``{"k", "results": [{"rank", "score", "id", "path", "label"}], "fingerprint", "index_type"}``.
 - ``POST /embed``: multipart upload; returns ``{"embedding": [...], "dim", "fingerprint"}``.
 - ``GET /healthz``: ``{"status": "ok"}`` (never needs the token, for load balancers).
@@ -12,13 +13,25 @@ Endpoints (``create_app``):
 
 Protection: with ``token`` every endpoint but ``/healthz`` needs ``Authorization: Bearer <token>`` (401 otherwise,
 checked before the body is read). Request bodies over ``max_upload_bytes`` (plus a little multipart overhead) get
-413 from the Content-Length header or while streaming; images over ``max_pixels`` get 413 before they are decoded;
-non-images get 415, corrupt images 400. Every error body is JSON ``{"error": "..."}``.
+413 from the Content-Length header or while streaming. The decoding limits of ``ctxsim.data.limits`` are checked
+from the image header, before a pixel is decoded: over ``max_pixels`` is 413, an aspect ratio over
+``max_aspect_ratio`` (``CTXSIM_MAX_ASPECT_RATIO``) or an empty image 422, each body naming the limit
+(``{"error", "limit", "maximum", "value"}``); non-images get 415, corrupt images 400. Every error body is JSON
+``{"error": "..."}``; 405 carries ``Allow``. ``/openapi.json`` documents all of it (checked by Schemathesis in
+tests/deploy/test_serve_schema.py). An image the model embeds
+as NaN or inf gets 500 for that request alone (the rest of its batch is answered), counted in ``/metrics``
+(``ctxsim_nonfinite_embeddings_total``) and ``/info`` (``batching.nonfinite``).
+
+Verified artifacts: the model is opened through ``Embedder.from_artifact``, which refuses weights or an export
+artifact whose bytes differ from what model.json / manifest.json record: the server does not start with it, and a
+followed model (``follow_model``) is not swapped in. Its parity verdict counts only when recorded for its exact
+bytes (``ctxsim.export.parity.recorded_verdict``).
 
 Dynamic batching: each request puts its decoded image on an asyncio queue; one batcher task takes the first
 waiting request, collects more for up to ``batch_wait_ms`` (at most ``max_batch``), and hands the whole batch to a
 single worker thread that embeds it in one call (and searches the index with the batch). Requests that arrive
-while a batch is being embedded form the next batch.
+while a batch is being embedded form the next batch. One bad image fails only its own request: each request's image
+is prepared (checked, converted) on its own, and when the batch's one call fails, each image is embedded alone.
 
 Hot reload: when the app serves an index *folder*, :class:`IndexWatcher` reads its ``index.json`` every
 ``reload_every_s`` seconds; when the generation changed (``ctxsim index add``, or a rebuild), it loads the new
@@ -49,7 +62,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ctxsim.errors import ConfigError, MissingDependency
+from ctxsim.errors import ConfigError, DataError, ImageRefused, MissingDependency, NonFiniteEmbedding
 
 __all__ = ["create_app", "serve", "Batcher", "IndexWatcher", "DEFAULT_MAX_UPLOAD_BYTES", "DEFAULT_MAX_PIXELS"]
 
@@ -70,9 +83,14 @@ def _fastapi():
 
 
 class _HTTPError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, extra: dict | None = None) -> None:
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.extra = status, message, extra or {}
+
+
+def _refused(e: Any) -> _HTTPError:
+    """An ImageRefused as the JSON error that names the limit: 413 (pixels) or 422 (aspect ratio, empty image)."""
+    return _HTTPError(e.status, str(e), {"limit": e.limit, "maximum": e.maximum, "value": e.value})
 
 
 # ---------------------------------------------------------------------------------------------- batching
@@ -85,6 +103,8 @@ class Batcher:
             raise ConfigError(f"max_batch must be >= 1, got {max_batch}")
         self.served = (embedder, index)  # swapped as one: a batch never mixes one model with another's index
         self.on_batch = on_batch  # (batch size, seconds) after each batch, e.g. ServeMetrics.observe_batch
+        self.on_nonfinite: Any = None  # (count) of images embedded as NaN/inf, e.g. ServeMetrics.observe_nonfinite
+        self.nonfinite = 0
         self.max_batch, self.wait_s = int(max_batch), max(0.0, float(wait_ms)) / 1000.0
         self.requests = 0
         self.batches = 0
@@ -110,7 +130,8 @@ class Batcher:
     def stats(self) -> dict:
         with self._lock:
             return {"requests": self.requests, "batches": self.batches, "max_batch_seen": self.max_batch_seen,
-                    "max_batch": self.max_batch, "wait_ms": self.wait_s * 1000.0, "errors": self.errors}
+                    "max_batch": self.max_batch, "wait_ms": self.wait_s * 1000.0, "errors": self.errors,
+                    "nonfinite": self.nonfinite}
 
     async def start(self) -> None:
         self._queue = asyncio.Queue()
@@ -163,19 +184,81 @@ class Batcher:
                 continue
             for (_, _, fut), res in zip(batch, results):
                 if not fut.done():
-                    fut.set_result(res)
+                    if isinstance(res, BaseException):  # this request alone failed (its image, or NaN/inf)
+                        fut.set_exception(res)
+                    else:
+                        fut.set_result(res)
 
-    def _work(self, batch: list[tuple[Image.Image, int | None]]) -> list[tuple[np.ndarray, list | None, str]]:
+    @staticmethod
+    def _embed_rows(embedder: Any, images: list) -> np.ndarray:
+        """``embedder.embed(images)`` (one call); a NonFiniteEmbedding carrying all rows gives them back (the caller
+        answers the NaN/inf ones 500)."""
+        try:
+            emb = embedder.embed(images)
+        except NonFiniteEmbedding as e:  # fail only the requests whose rows are NaN/inf
+            if e.embeddings is None or len(e.embeddings) != len(images):
+                raise
+            emb = e.embeddings
+        return np.asarray(emb, dtype=np.float32)
+
+    @classmethod
+    def _embed_each(cls, embedder: Any, batch: list) -> tuple[np.ndarray, dict[int, BaseException]]:
+        """Embed a batch so that one bad image fails only its own request: (float32 [N, D], {position: the
+        exception that request gets}; failed rows are zeros). Each request's image is prepared (checked against the
+        decoding limits, converted) on its own, the prepared ones are embedded in one call, and when that call
+        fails, each image is embedded alone to find the culprit(s)."""
+        from ctxsim.deploy.gallery import load_image
+
+        failed: dict[int, BaseException] = {}
+        ready: list[int] = []
+        images: list = []
+        for i, (im, _) in enumerate(batch):
+            try:
+                images.append(load_image(im))
+                ready.append(i)
+            except Exception as e:  # noqa: BLE001 - that request's own error
+                failed[i] = e
+        rows: dict[int, np.ndarray] = {}
+        if ready:
+            try:
+                rows = dict(zip(ready, cls._embed_rows(embedder, images)))  # one call for the whole batch
+            except Exception as e:  # noqa: BLE001 - find the culprit(s): each image alone
+                if len(ready) == 1:
+                    failed[ready[0]] = e
+                else:
+                    for i, im in zip(ready, images):
+                        try:
+                            rows[i] = cls._embed_rows(embedder, [im])[0]
+                        except Exception as e1:  # noqa: BLE001
+                            failed[i] = e1
+        emb = np.zeros((len(batch), next((len(v) for v in rows.values()), 1)), np.float32)
+        for i, v in rows.items():
+            emb[i] = v
+        return emb, failed
+
+    def _work(self, batch: list[tuple[Image.Image, int | None]]) -> list[Any]:
+        """(embedding, hits or None, fingerprint) per request, or the exception that request alone gets."""
         embedder, index = self.served  # one pair for the whole batch, even if a reload swaps it meanwhile
         t0 = time.perf_counter()
-        emb = embedder.embed([im for im, _ in batch])  # one call for the whole batch
+        emb, failed = self._embed_each(embedder, batch)
+        bad = ~np.isfinite(emb).all(axis=1)  # also for an embedder object that does not check itself
         with self._lock:
             self.batches += 1
             self.requests += len(batch)
             self.max_batch_seen = max(self.max_batch_seen, len(batch))
+            self.nonfinite += int(bad.sum())
+            self.errors += len(failed)
         fp = embedder.fingerprint
-        out: list[tuple[np.ndarray, list | None, str]] = [(emb[i], None, fp) for i in range(len(batch))]
-        rows = [i for i, (_, k) in enumerate(batch) if k is not None]
+        out: list[Any] = [failed.get(i, (emb[i], None, fp)) for i in range(len(batch))]
+        if bad.any():
+            logger.error("model %s embedded %d of %d image(s) as NaN or inf; those requests get 500", fp,
+                         int(bad.sum()), len(batch))
+            if self.on_nonfinite is not None:
+                self.on_nonfinite(int(bad.sum()))
+            for i in np.flatnonzero(bad):
+                out[i] = _HTTPError(500, f"the model ({fp}) embedded this image as NaN or inf: nothing to search "
+                                         "with; the served model may be damaged (check it with `ctxsim verify`)")
+        rows = [i for i, (_, k) in enumerate(batch) if k is not None and not bad[i] and i not in failed]
         if rows and index is not None:
             kmax = max(batch[i][1] for i in rows)
             scores, ids = index.search(emb[rows], kmax)
@@ -323,6 +406,7 @@ class _Guard:
 
 # ---------------------------------------------------------------------------------------------- decoding
 def _decode(data: bytes, max_pixels: int) -> Image.Image:
+    from ctxsim.data.limits import check_image_size
     from ctxsim.deploy.gallery import load_image
 
     if not data:
@@ -334,9 +418,10 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
     except Exception as e:  # noqa: BLE001 - PIL.UnidentifiedImageError and friends
         raise _HTTPError(415, f"not a readable image ({type(e).__name__}); send a JPEG, PNG, WebP, BMP, ...") from None
     with im:
-        w, h = im.size
-        if w * h > max_pixels:
-            raise _HTTPError(413, f"image is {w}x{h} = {w * h} pixels; the limit is {max_pixels}")
+        try:  # from the header, before a pixel is decoded (ctxsim.data.limits: pixels 413, aspect ratio 422)
+            check_image_size(*im.size, max_pixels=max_pixels)
+        except ImageRefused as e:
+            raise _refused(e) from None
         try:
             im.load()
             return load_image(im)
@@ -345,6 +430,50 @@ def _decode(data: bytes, max_pixels: int) -> Image.Image:
 
 
 # ---------------------------------------------------------------------------------------------- app
+def _complete_openapi(schema: dict, secured: bool) -> dict:
+    """What FastAPI's generated schema cannot say, added in place: the upload is required (field ``image``, a binary
+    part); ``k`` is an integer when sent (optional, not nullable: ``null`` is no integer); with a token, the bearer
+    scheme every operation but /healthz needs.
+
+    The legacy field name ``file`` (an alias of ``image``; sending both is a 422) is named in each operation's
+    description, not in the schema: a body schema offering either of two fields needs ``oneOf``/``anyOf`` over
+    ``required``, which Schemathesis 4 (our conformance test) cannot fuzz for binary parts."""
+    def not_null(s: dict) -> None:
+        kept = [b for b in s.get("anyOf", ()) if b.get("type") != "null"]
+        if len(kept) == 1:
+            del s["anyOf"]
+            s.update(kept[0])
+
+    for path in ("/search", "/embed"):
+        op = schema["paths"][path]["post"]
+        op["description"] = ("Upload the image as the multipart field `image` (JPEG, PNG, WebP, BMP, GIF, TIFF, ...); "
+                             "`file` is accepted as a legacy alias (send one of the two).")
+        for param in op.get("parameters", ()):
+            not_null(param["schema"])
+        body = op["requestBody"]
+        body["required"] = True
+        ref = body["content"]["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[-1]
+        form = schema["components"]["schemas"][ref]
+        form["properties"].pop("file", None)
+        form["properties"]["image"] = {"type": "string", "format": "binary", "description": "the image file"}
+        form["required"] = ["image"]
+        if "k" in form["properties"]:
+            not_null(form["properties"]["k"])
+    for item in schema["paths"].values():  # error bodies are JSON, also where the success is text (/metrics)
+        for op in item.values():
+            for code, resp in op.get("responses", {}).items():
+                content = resp.get("content", {})
+                if not code.startswith("2") and "text/plain" in content and "application/json" not in content:
+                    content["application/json"] = content.pop("text/plain")
+    if secured:
+        schema.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        schema["security"] = [{"bearer": []}]
+        for path in OPEN_PATHS:
+            for op in schema["paths"].get(path, {}).values():
+                op["security"] = []
+    return schema
+
+
 def create_app(index_dir: Any, model: Any = None, token: str | None = None,
                max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_batch: int = 32, batch_wait_ms: float = 5.0, max_k: int = 1000, default_k: int = 10,
@@ -360,17 +489,20 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     _fastapi()
     from fastapi import FastAPI, File, Form, Query, Request, UploadFile
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
+    from fastapi.responses import JSONResponse, PlainTextResponse
+    from pydantic import BaseModel
     from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from ctxsim import __version__
+    from ctxsim.data.limits import image_limits
     from ctxsim.deploy.embedder import Embedder
     from ctxsim.deploy.index import Index, load_index
     from ctxsim.deploy.metrics import MetricsMiddleware, ServeMetrics
 
     if max_upload_bytes < 1 or max_pixels < 1:
         raise ConfigError("max_upload_bytes and max_pixels must be positive")
+    image_limits()  # a malformed CTXSIM_MAX_* variable stops the server now, not each request
     if token is not None and not token:
         raise ConfigError("token must be a non-empty string (or None for no authentication)")
     if reload_every_s < 0:
@@ -398,11 +530,15 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     if passed is False:  # served on purpose perhaps, but never silently
         logger.warning("%s failed its parity check (%s): it may not retrieve what the trained model retrieves",
                        getattr(embedder, "artifact", "the model"), "; ".join(failures[:2]))
+    elif passed is None and getattr(embedder, "kind", "torch") != "torch":  # a run folder is the reference itself
+        logger.warning("%s has no parity verdict for its bytes (none recorded, or one of other bytes); check it "
+                       "with `ctxsim parity` or `ctxsim verify`", getattr(embedder, "artifact", "the model"))
     batcher = Batcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms)
     watcher = IndexWatcher(index_dir, batcher, 0.0 if isinstance(index_dir, Index) else reload_every_s,
                            open_model if follow_model else None)
     metrics = ServeMetrics(max_batch, lambda: batcher.index.info, watcher.stats)
     batcher.on_batch = metrics.observe_batch
+    batcher.on_nonfinite = metrics.observe_nonfinite
     started = time.time()
 
     @contextlib.asynccontextmanager
@@ -419,16 +555,23 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     app.state.batcher, app.state.watcher = batcher, watcher
     app.state.metrics = metrics
 
-    def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status)
+    def error(status: int, message: str, extra: dict | None = None, headers: Any = None) -> JSONResponse:
+        return JSONResponse({"error": message, **(extra or {})}, status_code=status, headers=headers)
 
     @app.exception_handler(_HTTPError)
     async def _own(_: Request, e: _HTTPError) -> JSONResponse:
-        return error(e.status, e.message)
+        return error(e.status, e.message, e.extra)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:
-        return error(e.status_code, str(e.detail))
+    async def _http(_: Request, e: StarletteHTTPException) -> JSONResponse:  # keeps e.g. 405's Allow header
+        return error(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+
+    @app.exception_handler(DataError)
+    async def _data(_: Request, e: DataError) -> JSONResponse:  # an image the batcher refused: its request alone
+        if isinstance(e, ImageRefused):
+            r = _refused(e)
+            return error(r.status, r.message, r.extra)
+        return error(400, str(e))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, e: RequestValidationError) -> JSONResponse:
@@ -447,16 +590,48 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         up = image or file
         if up is None:
             raise _HTTPError(422, "no image uploaded; send multipart/form-data with an 'image' file field")
+        if image is not None and file is not None:
+            raise _HTTPError(422, "two images uploaded; send one, in the 'image' field (or 'file'), not both")
         data = await up.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise _HTTPError(413, f"upload exceeds the limit of {max_upload_bytes} bytes")
         return await run_in_threadpool(_decode, data, max_pixels)
 
+    class ErrorBody(BaseModel):
+        """Every error: a one-line message; an image refused by a decoding limit also names the limit."""
+
+        error: str
+        limit: str | None = None
+        maximum: float | None = None
+        value: float | None = None
+
+    def documented(codes: dict | None = None) -> dict:  # {status: description} -> responses, bodies ErrorBody
+        out = {c: {"model": ErrorBody, "description": d} for c, d in (codes or {}).items()}
+        if token is not None:
+            out[401] = {"model": ErrorBody, "description": "missing or wrong bearer token"}
+        return out
+
+    upload_errors = documented({
+        400: "invalid multipart data, an empty upload or corrupt image data",
+        413: f"a request body over {max_upload_bytes} bytes, or an image over max_pixels ({max_pixels}); "
+             "the body names the limit",
+        415: "not a readable image",
+        422: "no image uploaded, a bad k, or an image refused by its shape (aspect ratio over max_aspect_ratio, "
+             "or no pixels); the body names the limit",
+        500: "internal error, or the model embedded the image as NaN or inf"})
+
+    def openapi() -> dict:  # FastAPI's schema plus what its signature-derived schema cannot say
+        if app.openapi_schema is None:
+            _complete_openapi(FastAPI.openapi(app), token is not None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/info")
+    @app.get("/info", responses=documented())
     async def info() -> dict:
         served, i = batcher.embedder, batcher.index.info
         return {"fingerprint": served.fingerprint, "backend": served.backend, "dim": i.dim,
@@ -464,20 +639,21 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
                           "metric": i.metric, "fingerprint": i.fingerprint, "updated": i.updated,
                           "generation": i.generation},
                 "batching": batcher.stats(), "reload": watcher.stats(), "limits": {"max_upload_bytes": max_upload_bytes,
-                                                        "max_pixels": max_pixels, "max_k": max_k},
+                                                        "max_pixels": max_pixels, "max_k": max_k,
+                                                        "max_aspect_ratio": image_limits()[1]},
                 "ctxsim_version": __version__, "uptime_s": round(time.time() - started, 1)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        **documented(), 200: {"description": "Prometheus text exposition format",
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics_ep() -> Any:
-        from fastapi.responses import Response
-
         body, content_type = metrics.render()
-        return Response(content=body, media_type=content_type)
+        return PlainTextResponse(content=body, media_type=content_type)
 
-    @app.post("/search")
+    @app.post("/search", responses=upload_errors)
     async def search_ep(image: UploadFile | None = File(None), file: UploadFile | None = File(None),
-                        k_form: int | None = Form(None, alias="k"), k_query: int | None = Query(None, alias="k")
-                        ) -> dict:
+                        k_form: int | None = Form(None, alias="k", ge=1, le=max_k),
+                        k_query: int | None = Query(None, alias="k", ge=1, le=max_k)) -> dict:
         k = k_form if k_form is not None else (k_query if k_query is not None else default_k)
         if not 1 <= k <= max_k:
             raise _HTTPError(422, f"k must be between 1 and {max_k}, got {k}")
@@ -485,7 +661,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
         _, hits, fingerprint = await batcher.submit(img, k)
         return {"k": k, "results": hits, "fingerprint": fingerprint, "index_type": batcher.index.index_type}
 
-    @app.post("/embed")
+    @app.post("/embed", responses=upload_errors)
     async def embed_ep(image: UploadFile | None = File(None), file: UploadFile | None = File(None)) -> dict:
         img = await _image(image, file)
         vec, _, fingerprint = await batcher.submit(img, None)
@@ -494,6 +670,20 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     app.add_middleware(_Guard, token=token, max_body=max_upload_bytes + MULTIPART_SLACK)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: counts what the guard refuses too
     return app
+
+
+def read_token_file(path: str | Path) -> str:
+    """The bearer token in ``path`` (first line, surrounding whitespace stripped): a secret kept out of the process
+    list, where ``--token VALUE`` would show it. ConfigError (one line) when unreadable or empty."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read the token file {path} ({type(e).__name__}); give a readable text file") from None
+    token = text.strip().splitlines()[0].strip() if text.strip() else ""
+    if not token:
+        raise ConfigError(f"the token file {path} is empty; write the token on its first line")
+    return token
 
 
 def _is_loopback(host: str) -> bool:

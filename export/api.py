@@ -32,12 +32,18 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8
     4. with ``triton`` (True: ``out_dir/triton``, or a folder): a Triton model repository;
     5. ``manifest.json`` binding it all to the model fingerprint.
 
+    The folder is published as one unit (``ctxsim.export.publish``): everything is built in a staging folder inside
+    ``out_dir`` and moved into place with manifest.json last, so a failure or a kill midway leaves the previous
+    export as it was (or, killed while moving, a mismatch every reader refuses), never new files under old verdicts.
+
     Parity failures do not raise: check ``result.passed`` / ``result.parity[name].failures``.
     ``progress(done, total)`` is called after each step; step names go to this module's logger.
     """
-    out_dir = Path(out_dir)
+    final_dir = Path(out_dir)
     if trt and precision not in ("fp32", "fp16", "int8"):
         raise ConfigError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+    if final_dir.resolve() == Path(run_dir).resolve():
+        raise ConfigError("export into a folder of its own, not the run folder (e.g. RUN_DIR/export)")
     steps = ["onnx"] + (["engine"] if trt else []) + (["parity"] if parity else []) + \
             (["triton"] if triton else []) + ["manifest"]
     done = 0
@@ -56,6 +62,24 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8
     # an engine is strongly typed: its precision comes from the ONNX file it is built from
     fp16 = fp16 or (trt and precision == "fp16")
     int8 = int8 or (trt and precision == "int8")
+    from ctxsim.export.publish import staged_export
+
+    with staged_export(final_dir) as out_dir:  # built here, published into final_dir as one unit on success
+        result = _export_staged(
+            run_dir=run_dir, out_dir=out_dir, final_dir=final_dir, fp16=fp16, int8=int8, simplify=simplify,
+            input_format=input_format, opset=opset, trt=trt, precision=precision, calib_images=calib_images,
+            min_batch=min_batch, opt_batch=opt_batch, max_batch=max_batch, workspace_gb=workspace_gb,
+            timing_cache=timing_cache, triton=triton, triton_instances=triton_instances, parity=parity,
+            parity_limit=parity_limit, data_root=data_root, thresholds=thresholds, step=step)
+    result = _relocate(result, out_dir, final_dir)
+    step("manifest")
+    return result
+
+
+def _export_staged(*, run_dir, out_dir, final_dir, fp16, int8, simplify, input_format, opset, trt, precision,
+                   calib_images, min_batch, opt_batch, max_batch, workspace_gb, timing_cache, triton,
+                   triton_instances, parity, parity_limit, data_root, thresholds, step) -> ExportResult:
+    """Steps 1-5 of :func:`export_run` into the staging folder ``out_dir`` (published later into ``final_dir``)."""
     result = export_onnx(run_dir, out_dir, opset=opset, fp16=fp16, simplify=simplify, input_format=input_format)
     if int8:
         from ctxsim.export.quantize import (calibration_batches, image_batches, quantize_onnx,
@@ -79,17 +103,22 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8
         step("engine")
 
     if parity:
-        from ctxsim.export.parity import check_parity
+        from ctxsim.export.parity import check_parity, write_parity
 
         for artifact in result.artifacts():
-            result.parity[artifact.name] = check_parity(run_dir, artifact, data_root=data_root,
-                                                        thresholds=thresholds, limit=parity_limit)
+            report = check_parity(run_dir, artifact, data_root=data_root, thresholds=thresholds, limit=parity_limit,
+                                  write=False)
+            report.artifact = str(final_dir / artifact.name)  # where it is published
+            write_parity(artifact, report)
+            result.parity[artifact.name] = report
         step("parity")
 
     if triton:
         from ctxsim.export.triton import write_triton_repository
 
         triton_dir = out_dir / "triton" if triton is True else Path(triton)
+        if triton is not True and triton_dir.resolve().is_relative_to(final_dir.resolve()):
+            triton_dir = out_dir / triton_dir.resolve().relative_to(final_dir.resolve())  # staged with the rest
         result.triton_dir = write_triton_repository(triton_dir, result.onnx_path, result.engine_path,
                                                     max_batch_size=max_batch, instances=triton_instances)
         step("triton")
@@ -98,5 +127,20 @@ def export_run(run_dir: str | Path, out_dir: str | Path, fp16: bool = True, int8
 
     result.manifest_path = write_manifest(out_dir, result.contract, result.artifacts(), result.parity,
                                           run_dir=run_dir, triton_dir=result.triton_dir)
-    step("manifest")
+    return result
+
+
+def _relocate(result: ExportResult, stage: Path, final_dir: Path) -> ExportResult:
+    """The result's paths in the staging folder -> where they were published."""
+    def moved(p: Path | None) -> Path | None:
+        if p is None:
+            return None
+        p = Path(p)
+        return final_dir / p.relative_to(stage) if p.is_relative_to(stage) else p
+
+    result.out_dir = final_dir
+    result.onnx_path = moved(result.onnx_path)  # type: ignore[assignment]
+    result.fp16_path, result.int8_path = moved(result.fp16_path), moved(result.int8_path)
+    result.engine_path, result.triton_dir = moved(result.engine_path), moved(result.triton_dir)
+    result.manifest_path = moved(result.manifest_path)
     return result

@@ -1,5 +1,10 @@
 """manifest.json of an export folder: binds every artifact (sha256), engine sidecars, parity results and the
-preprocessing contract to the model fingerprint, so that deploy can check what it is about to load."""
+preprocessing contract to the model fingerprint, so that deploy can check what it is about to load.
+
+``check_artifact(path)`` is that check, run by every reader that opens an export artifact (the deploy Embedder,
+hence search, index and serve): an artifact whose bytes differ from the manifest beside it, or an unlisted one
+exported from another model, is refused with one line. A folder without a manifest is unbound (no verdict).
+``export_run`` writes the manifest last, when the folder is published (``ctxsim.export.publish``)."""
 from __future__ import annotations
 
 import datetime as _dt
@@ -64,7 +69,7 @@ def write_manifest(out_dir: str | Path, contract: Mapping[str, Any], artifacts: 
             "cosine_min": d.get("embedding", {}).get("cosine_min"),
             "delta_points": d.get("retrieval", {}).get("delta_points", {}),
             "r1_flips": {k: v for k, v in (d.get("retrieval", {}).get("ties") or {}).items() if k != "examples"},
-            "cross_R@1": d.get("cross", {}).get("R@1"),
+            "cross_R@1": d.get("cross", {}).get("R@1"), "sha256": d.get("sha256"),
         }
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -113,3 +118,37 @@ def verify_manifest(out_dir: str | Path) -> list[str]:
             if not sp.is_file() or sha256_file(sp) != entry.get("sidecar_sha256"):
                 problems.append(f"{entry['sidecar']} is missing or changed")
     return problems
+
+
+def check_artifact(path: str | Path) -> dict[str, Any] | None:
+    """Refuse (ArtifactError, one line) an export artifact that contradicts the ``manifest.json`` beside it: a
+    listed file whose sha256 (or engine sidecar's) differs from the manifest's, or an unlisted one exported from
+    another model than the folder's. Returns the artifact's manifest entry, or None when it is unbound (no manifest
+    beside it, or listed nowhere but of the folder's model)."""
+    path = Path(path)
+    folder = path.parent
+    if not (folder / MANIFEST).is_file():
+        return None
+    manifest = read_manifest(folder)
+    entries = manifest.get("artifacts") if isinstance(manifest, dict) else None
+    if not isinstance(entries, dict):
+        raise ArtifactError(f"{folder / MANIFEST} lists no artifacts; re-export the folder with `ctxsim export`")
+    entry = entries.get(path.name)
+    if entry is None:
+        from ctxsim.export.runners import artifact_contract
+
+        fp = artifact_contract(path).get("fingerprint")
+        if fp != manifest.get("fingerprint"):
+            raise ArtifactError(f"{path} is model {fp}, but {MANIFEST} beside it binds the folder to model "
+                                f"{manifest.get('fingerprint')} (left from another export?); re-export with "
+                                "`ctxsim export`")
+        return None
+    if sha256_file(path) != entry.get("sha256"):
+        raise ArtifactError(f"{path} does not match the sha256 in {MANIFEST} (changed since export, or an export "
+                            "was interrupted); re-export with `ctxsim export`")
+    if entry.get("sidecar"):
+        sp = path.with_name(entry["sidecar"])
+        if not sp.is_file() or sha256_file(sp) != entry.get("sidecar_sha256"):
+            raise ArtifactError(f"{sp} is missing or does not match the sha256 in {MANIFEST}; re-export with "
+                                "`ctxsim export --trt`")
+    return entry

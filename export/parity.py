@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, FingerprintMismatch
-from ctxsim.io import atomic_write_json
+from ctxsim.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class ParityReport:
     dataset: str = ""
     input_format: str = "float_nchw"
     seconds: float = 0.0
+    sha256: str = ""  # of the artifact file the verdict was computed on ("" for a runner object)
 
     @property
     def passed(self) -> bool:
@@ -133,7 +134,7 @@ class ParityReport:
             "classes": self.classes, "input_format": self.input_format, "thresholds": dict(self.thresholds),
             "embedding": dict(self.embedding), "retrieval": {k: dict(v) for k, v in self.retrieval.items()},
             "neighbours": dict(self.neighbours), "cross": dict(self.cross), "checks": list(self.checks),
-            "seconds": round(self.seconds, 2),
+            "seconds": round(self.seconds, 2), "sha256": self.sha256,
         })
 
 
@@ -340,6 +341,8 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
     cfg = run_config(run_dir, data_root)
     model, card = load_run(run_dir)
     path = Path(artifact) if isinstance(artifact, (str, Path)) else None
+    # the bytes this verdict is about: hashed before they are opened, recorded with the verdict
+    sha = sha256_file(path) if path is not None and path.is_file() else ""
     runner = open_runner(path, providers) if path is not None else artifact
     contract = runner.contract
     if contract.get("fingerprint") != card.fingerprint:
@@ -424,17 +427,21 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
         precision=precision, fingerprint=card.fingerprint, images=len(labels), classes=int(len(np.unique(labels))),
         thresholds=limits, embedding=embedding, retrieval=retrieval, neighbours=neighbours, cross=cross,
         checks=checks, failures=failures, dataset=str(cfg.data.dataset),
-        input_format=contract.get("input_format", "float_nchw"), seconds=time.perf_counter() - t0)
+        input_format=contract.get("input_format", "float_nchw"), seconds=time.perf_counter() - t0, sha256=sha)
     if write and path is not None:
         write_parity(path, report)
     return report
 
 
 def write_parity(artifact: str | Path, report: ParityReport) -> Path:
-    """Merge ``report`` into ``parity.json`` next to ``artifact`` (keyed by its file name), atomically."""
+    """Merge ``report`` into ``parity.json`` next to ``artifact`` (keyed by its file name), atomically. The record
+    carries the sha256 of the bytes it was computed on (``report.sha256``; else the file's now), which
+    :func:`recorded_verdict` requires to match before it trusts the verdict."""
     import json
 
     artifact = Path(artifact)
+    if not report.sha256:
+        report.sha256 = sha256_file(artifact)
     out = artifact.parent / PARITY_FILE
     existing: dict[str, Any] = {}
     if out.is_file():
@@ -449,18 +456,38 @@ def write_parity(artifact: str | Path, report: ParityReport) -> Path:
     return out
 
 
-def recorded_verdict(artifact: str | Path) -> tuple[bool | None, list[str]]:
-    """The verdict ``parity.json`` next to ``artifact`` holds for it: (passed, failures), or (None, []) when no
-    check was recorded (a run folder, a file never checked, an unreadable report)."""
+def parity_record(artifact: str | Path, sha256: str | None = None) -> tuple[dict[str, Any] | None, str]:
+    """The record ``parity.json`` next to ``artifact`` holds for exactly its bytes: (record, "") or (None, why there
+    is no verdict). A record counts only when its ``sha256`` equals the file's (``sha256``: the file's, when the
+    caller has it): a record of other bytes (an earlier export, a file replaced since, a record from before
+    records carried a sha256) is no verdict, whatever it says."""
     import json
 
     path = Path(artifact)
     report = path.parent / PARITY_FILE
+    if not path.is_file():
+        return None, f"{path.name} is not an artifact file"
+    if not report.is_file():
+        return None, f"no {PARITY_FILE} beside {path.name}"
     try:
-        entry = json.loads(report.read_text(encoding="utf-8")).get(path.name) if report.is_file() else None
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return None, []
+        entry = json.loads(report.read_text(encoding="utf-8")).get(path.name)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return None, f"{PARITY_FILE} is unreadable"
     if not isinstance(entry, dict) or not isinstance(entry.get("passed"), bool):
+        return None, f"{PARITY_FILE} holds no verdict for {path.name}"
+    if not entry.get("sha256"):
+        return None, f"the {PARITY_FILE} record of {path.name} names no sha256 (not bound to any bytes)"
+    if entry["sha256"] != (sha256 or sha256_file(path)):
+        return None, f"the {PARITY_FILE} record of {path.name} is for other bytes (sha256 differs)"
+    return entry, ""
+
+
+def recorded_verdict(artifact: str | Path) -> tuple[bool | None, list[str]]:
+    """The verdict ``parity.json`` next to ``artifact`` holds for its exact bytes: (passed, failures), or (None, [])
+    when there is none (a run folder, a file never checked, an unreadable report, a record of other bytes: see
+    :func:`parity_record`)."""
+    entry, _ = parity_record(artifact)
+    if entry is None:
         return None, []
     return entry["passed"], [str(f) for f in entry.get("failures", [])]
 

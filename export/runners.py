@@ -13,7 +13,7 @@ from typing import Any, Protocol, Sequence
 
 import numpy as np
 
-from ctxsim.errors import ArtifactError, ConfigError
+from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
 from ctxsim.export.contract import check_batch, contract_from_metadata
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,20 @@ class Runner(Protocol):
     contract: dict[str, Any]
 
     def run(self, batch: np.ndarray) -> np.ndarray: ...
+
+
+#: One ONNX Runtime, chosen by extra: both wheels install the same ``onnxruntime`` module (docs/JETSON.md)
+ORT_MISSING = ("ONNX Runtime is not installed: pip install 'ctxsim[cpu]' (CPU) or 'ctxsim[gpu]' (CUDA server); "
+               "on a Jetson, NVIDIA's onnxruntime-gpu wheel (docs/JETSON.md)")
+
+
+def import_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or MissingDependency naming the extras when neither wheel is installed."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise MissingDependency(ORT_MISSING) from None
+    return onnxruntime
 
 
 def install_problem(distributions: set[str], available: Sequence[str]) -> str | None:
@@ -59,8 +73,7 @@ def default_providers(available: Sequence[str] | None = None) -> list[str]:
     """The preferred ONNX Runtime providers that are installed: TensorRT EP, CUDA EP, then CPU (with a warning,
     once, when a GPU build is installed but shadowed: see :func:`install_problem`)."""
     if available is None:
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         available = ort.get_available_providers()
         _warn_install_problem(tuple(available))
     chosen = [p for p in PREFERRED_PROVIDERS if p in available]
@@ -72,8 +85,7 @@ class OnnxRunner:
 
     def __init__(self, path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None,
                  intra_op_threads: int = 0):
-        import onnxruntime as ort
-
+        ort = import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path} not found")

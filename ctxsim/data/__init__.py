@@ -25,7 +25,7 @@ from ctxsim.data.layouts import (
     read_ebay_list,
     sop,
 )
-from ctxsim.data.omniglot import OmniglotFolder, OmniglotZip, omniglot
+from ctxsim.data.omniglot import OmniglotArrays, OmniglotFolder, OmniglotZip, omniglot, omniglot_mini
 from ctxsim.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
 from ctxsim.data.transforms import ConvertMode, Preprocess, eval_transform, make_loader, train_transform
 
@@ -33,7 +33,7 @@ __all__ = [
     "IMG_EXTENSIONS", "ImageDataset", "ImageFolderDataset", "ListFileDataset", "Record",
     "class_disjoint_split", "super_class_disjoint_split", "subset", "natural_key", "open_image",
     "DigitsDataset", "digits",
-    "OmniglotZip", "OmniglotFolder", "omniglot",
+    "OmniglotZip", "OmniglotFolder", "OmniglotArrays", "omniglot", "omniglot_mini",
     "KNOWN_DATASETS", "open_dataset", "cub200", "cars196", "sop", "inshop", "inat2021", "inat_supercategory",
     "read_ebay_list",
     "MPerClassBatchSampler", "HierarchicalBatchSampler",

@@ -12,7 +12,9 @@ Class order is the natural sort of the class names ("2" before "10") unless a re
 so labels are the same on every machine and every run.
 
 Bad input: a missing, unreadable or corrupt image raises :class:`ctxsim.errors.DataError` naming its path.
-Pillow's decompression-bomb limit stays on; a ``DecompressionBombError`` also becomes a ``DataError``.
+An image over the decoding limits of :mod:`ctxsim.data.limits` (pixels, aspect ratio) is refused from its header,
+before any pixel is decoded (:class:`ctxsim.errors.ImageRefused`, a DataError). Pillow's decompression-bomb limit
+stays on; a ``DecompressionBombError`` also becomes a ``DataError``.
 With ``on_error="skip"``, ``__getitem__`` replaces a bad item by the next readable item of the *same class*
 (cyclically, in dataset order), so the label, and therefore the m-per-class batch structure, is unchanged;
 the bad path is appended once to ``dataset.skipped`` and a logging warning names it. ``load_image`` always raises.
@@ -33,7 +35,8 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from ctxsim.errors import ConfigError, DataError
+from ctxsim.data.limits import check_image_size
+from ctxsim.errors import ConfigError, DataError, ImageRefused
 
 logger = logging.getLogger(__name__)
 
@@ -55,9 +58,12 @@ def open_image(fp: Any) -> Image.Image:
     """Open and fully decode an image from a path or file object; return it as "L" (greyscale) or "RGB".
 
     Greyscale-like modes (1, LA, I, I;16, F) become "L", everything else that is not "L"/"RGB" becomes "RGB".
-    Raises whatever Pillow raises; :meth:`ImageDataset.load_image` turns that into a DataError.
+    The size is checked from the header before decoding (``ctxsim.data.limits.check_image_size``: ImageRefused or
+    ImageTooLarge). Otherwise raises whatever Pillow raises; :meth:`ImageDataset.load_image` turns that into a
+    DataError.
     """
     with Image.open(fp) as im:
+        check_image_size(*im.size, name=str(fp) if isinstance(fp, (str, os.PathLike)) else None)
         im.load()
         if im.mode in ("L", "RGB"):
             return im.copy()
@@ -205,6 +211,8 @@ class ImageDataset(torch.utils.data.Dataset):
         """The i-th image as a PIL image ("RGB" or "L", as stored); DataError naming the path if unreadable."""
         try:
             return self._load_source(self._sources[i])
+        except ImageRefused as e:
+            raise e.named(self.paths[i]) from None
         except DataError:
             raise
         except FileNotFoundError as e:

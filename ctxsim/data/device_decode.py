@@ -29,6 +29,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from ctxsim.data.datasets import ImageDataset
+from ctxsim.data.limits import check_image_size
 from ctxsim.data.transforms import Preprocess
 from ctxsim.errors import ConfigError, DataError, MissingDependency
 
@@ -104,6 +105,19 @@ def _undo_orientation(img: torch.Tensor, orientation: int) -> torch.Tensor:
     return img
 
 
+def _check_header(encoded: torch.Tensor) -> None:
+    """``ctxsim.data.limits.check_image_size`` on a JPEG's header (ImageRefused/ImageTooLarge); a header Pillow
+    cannot parse is left to the decoder, whose error says more."""
+    try:
+        with Image.open(io.BytesIO(encoded.numpy().tobytes())) as im:
+            size = im.size
+    except Image.DecompressionBombError as e:
+        raise DataError(f"image too large (decompression-bomb limit): {e}") from None
+    except Exception:  # noqa: BLE001 - see the docstring
+        return
+    check_image_size(*size)
+
+
 def _read_file(path: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(Path(path).read_bytes()), dtype=torch.uint8)
 
@@ -155,6 +169,8 @@ class _DeviceTransform:
         self.std = torch.tensor(preprocess.std, device=self.device).view(1, c, 1, 1)
 
     def decode(self, encoded: list[torch.Tensor]) -> list[torch.Tensor]:
+        for b in encoded:  # the decoding limits, from each header, before anything is decoded on the device
+            _check_header(b)
         try:
             return self._decode(encoded, self.p.channels, self.device)
         except (RuntimeError, ValueError) as e:

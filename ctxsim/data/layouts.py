@@ -366,7 +366,9 @@ def open_dataset(
     Names (aliases in brackets) and their splits:
     cub200 [cub] train/test; cars196 [cars] train/test; sop [stanford_online_products] train/test;
     inshop [in-shop] train/query/gallery; inat2021 [inaturalist, inat] train/test;
-    omniglot train (= background) / test (= evaluation); digits train/test/all (no root);
+    omniglot train (= background) / test (= evaluation) (root ``"omniglot-mini"``: the shipped sample);
+    omniglot-mini [omniglot_mini] the same splits of the sample shipped in the package (no root);
+    digits train/test/all (no root);
     folder: a class-per-folder tree, ``all``, or its train/test/query/gallery sub-trees when ``root`` has them;
     list: a list file (``root``) read by ListFileDataset, ``all`` (pass ``image_root=`` for relative paths).
     Extra keyword arguments go to the reader (e.g. ``on_error="skip"``, ``seed=``).
@@ -386,7 +388,16 @@ def open_dataset(
 def _omniglot_reader(root: Any, **kw: Any) -> dict[str, ImageDataset]:
     from ctxsim.data.omniglot import omniglot
 
-    r = _need_root("omniglot", root)
+    if root is None:
+        raise ConfigError("dataset 'omniglot' needs a root (the folder with the official zips), "
+                          "or the shipped sample: --data omniglot-mini")
+    return {"train": omniglot(root, "background", **kw), "test": omniglot(root, "evaluation", **kw)}
+
+
+def _omniglot_mini_reader(root: Any, **kw: Any) -> dict[str, ImageDataset]:
+    from ctxsim.data.omniglot import MINI, omniglot
+
+    r = MINI if root is None else root  # a root may name another sample .npz
     return {"train": omniglot(r, "background", **kw), "test": omniglot(r, "evaluation", **kw)}
 
 
@@ -407,6 +418,7 @@ _READERS: dict[str, Callable[..., dict[str, ImageDataset]]] = {
     "inshop": lambda root, **kw: dict(zip(("train", "query", "gallery"), inshop(_need_root("inshop", root), **kw))),
     "inat2021": lambda root, **kw: dict(zip(("train", "test"), inat2021(_need_root("inat2021", root), **kw))),
     "omniglot": _omniglot_reader,
+    "omniglot_mini": _omniglot_mini_reader,
     "digits": _digits_reader,
     "folder": lambda root, **kw: _folder(_need_root("folder", root), **kw),
     "list": _list_reader,

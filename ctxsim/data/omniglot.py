@@ -9,21 +9,31 @@ must invert in their own transform.
 
 The ZipFile is opened lazily, once per process (the handle is dropped when pickled and re-opened when the
 process id changes), so DataLoader workers, forked or spawned, each read through their own file handle.
+
+``omniglot-mini`` is a real sample shipped inside the package (ctxsim/data/omniglot_mini/: 10 background and 5
+evaluation alphabets, all 20 drawings of every character, 28x28 uint8; licence and provenance beside it). It
+needs no path: ``omniglot("omniglot-mini", "evaluation")``, ``open_dataset("omniglot-mini")``, or
+``--data omniglot-mini`` with an Omniglot recipe. A folder or file of that name, where one exists, wins.
 """
 from __future__ import annotations
 
+import functools
 import io
 import os
 import zipfile
+from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable
 
+import numpy as np
 from PIL import Image
 
 from ctxsim.errors import ConfigError, DataError
 from ctxsim.data.datasets import ImageDataset, Record, open_image, scan_class_folders
 
 SPLITS = {"background": "images_background", "evaluation": "images_evaluation"}
+MINI = "omniglot-mini"  # the shipped sample's dataset name (also accepted as a root: --data omniglot-mini)
+_MINI_NAMES = (MINI, "omniglot_mini")
 
 
 class OmniglotZip(ImageDataset):
@@ -117,6 +127,73 @@ class OmniglotFolder(ImageDataset):
         super().__init__(records, transform=transform, on_error=on_error)
 
 
+def mini_path() -> Path:
+    """The shipped sample's file (ctxsim/data/omniglot_mini/omniglot_mini.npz)."""
+    return Path(str(resources.files("ctxsim.data") / "omniglot_mini" / "omniglot_mini.npz"))
+
+
+def is_mini(root: str | os.PathLike | None) -> bool:
+    """True when ``root`` names the shipped sample (``omniglot-mini``) rather than an existing path."""
+    return root is not None and str(root) in _MINI_NAMES and not Path(root).exists()
+
+
+@functools.lru_cache(maxsize=4)
+def _read_arrays(path: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            images, members = z["images"], z["members"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise DataError(f"cannot read the Omniglot sample {path} ({e}); reinstall ctxsim or regenerate it with "
+                        "scripts/make_omniglot_mini.py") from e
+    if images.dtype != np.uint8 or images.ndim != 3 or len(images) != len(members):
+        raise DataError(f"{path} is not an Omniglot sample (images (N, H, W) uint8 and N member names)")
+    images.setflags(write=False)
+    return images, tuple(m.decode("ascii") for m in members)
+
+
+class OmniglotArrays(ImageDataset):
+    """Omniglot drawings held in memory as uint8 arrays (the shipped ``omniglot-mini`` sample, or an ``.npz`` made
+    by scripts/make_omniglot_mini.py). Same class, super-class and split names as :class:`OmniglotZip`; display
+    paths are ``omniglot-mini/<member>`` (the member the drawing was reduced from). Images are "L", black on white.
+    """
+
+    def __init__(
+        self,
+        npz_path: str | os.PathLike | None = None,
+        split_name: str | None = None,
+        *,
+        transform: Callable | None = None,
+        on_error: str = "raise",
+    ) -> None:
+        self.npz_path = Path(npz_path) if npz_path is not None else mini_path()
+        self.split_name = split_name
+        if not self.npz_path.is_file():
+            raise DataError(f"Omniglot sample not found: {self.npz_path}; reinstall ctxsim")
+        images, members = _read_arrays(str(self.npz_path))
+        prefix = MINI if npz_path is None else str(self.npz_path)
+        keep, records = [], []
+        for i, member in enumerate(members):
+            top, alphabet, character, _ = PurePosixPath(member).parts
+            if split_name is not None and top != split_name:
+                continue
+            records.append(Record(len(keep), f"{alphabet}/{character}", alphabet, f"{prefix}/{member}"))
+            keep.append(i)
+        if not records:
+            raise DataError(f"no '{split_name}/' drawings in {self.npz_path}")
+        self._images = images[keep]  # only this split's pixels travel with the dataset when pickled
+        super().__init__(records, transform=transform, on_error=on_error)
+
+    def _load_source(self, source: Any) -> Image.Image:
+        return Image.fromarray(self._images[int(source)])  # uint8 2-D -> mode "L"
+
+
+def omniglot_mini(split: str = "background", **kwargs: Any) -> OmniglotArrays:
+    """The shipped sample's ``"background"`` (train) or ``"evaluation"`` (held-out alphabets) split."""
+    if split not in SPLITS:
+        raise ConfigError(f"Omniglot split must be one of {sorted(SPLITS)}, got {split!r}")
+    return OmniglotArrays(None, SPLITS[split], **kwargs)
+
+
 def omniglot(
     root: str | os.PathLike,
     split: str = "background",
@@ -127,19 +204,24 @@ def omniglot(
     """Omniglot's ``"background"`` (964 classes) or ``"evaluation"`` (659 classes) split from ``root``.
 
     ``root`` holds ``images_<split>.zip`` (read in place) or an extracted ``images_<split>/`` folder;
-    ``root`` may also be the zip itself.
+    ``root`` may also be the zip itself, a sample ``.npz``, or ``"omniglot-mini"`` (the shipped sample).
     """
     if split not in SPLITS:
         raise ConfigError(f"Omniglot split must be one of {sorted(SPLITS)}, got {split!r}")
     name = SPLITS[split]
+    if is_mini(root):
+        return OmniglotArrays(None, name, transform=transform, on_error=on_error)
     root = Path(root)
+    if root.is_file() and root.suffix == ".npz":
+        return OmniglotArrays(root, name, transform=transform, on_error=on_error)
     if root.is_file() and root.suffix == ".zip":
         return OmniglotZip(root, name, transform=transform, on_error=on_error)
     if (root / f"{name}.zip").is_file():
         return OmniglotZip(root / f"{name}.zip", name, transform=transform, on_error=on_error)
     if (root / name).is_dir():
         return OmniglotFolder(root / name, transform=transform, on_error=on_error)
-    raise DataError(f"neither {root / (name + '.zip')} nor {root / name}/ exists; download Omniglot there")
+    raise DataError(f"neither {root / (name + '.zip')} nor {root / name}/ exists; download Omniglot there, "
+                    f"or use the shipped sample: --data {MINI}")
 
 
-__all__ = ["OmniglotZip", "OmniglotFolder", "omniglot"]
+__all__ = ["MINI", "OmniglotArrays", "OmniglotZip", "OmniglotFolder", "mini_path", "omniglot", "omniglot_mini"]

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ctxsim.data.transforms import Preprocess
 from ctxsim.errors import ArtifactError
-from ctxsim.io import atomic_path, atomic_write_json, read_json
+from ctxsim.io import atomic_write_json, atomic_write_safetensors, read_json, sha256_file
 from ctxsim.nets.embedding import EmbeddingNet, ModelSpec
 
 WEIGHTS = "model.safetensors"
@@ -24,6 +24,7 @@ class ModelCard:
     preprocess: Preprocess
     fingerprint: str = ""
     ctxsim_version: str = ""
+    weights_sha256: str = ""  # sha256 of model.safetensors ("" in run folders of older ctxsim versions)
 
     @property
     def embedding_dim(self) -> int:
@@ -32,13 +33,14 @@ class ModelCard:
     def to_dict(self) -> dict:
         return {"arch": self.arch.to_dict(), "preprocess": self.preprocess.to_dict(),
                 "embedding_dim": self.embedding_dim, "fingerprint": self.fingerprint,
-                "ctxsim_version": self.ctxsim_version}
+                "ctxsim_version": self.ctxsim_version,
+                **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {})}
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelCard":
         try:
             return cls(ModelSpec.from_dict(d["arch"]), Preprocess.from_dict(d["preprocess"]),
-                       d.get("fingerprint", ""), d.get("ctxsim_version", ""))
+                       d.get("fingerprint", ""), d.get("ctxsim_version", ""), d.get("weights_sha256", ""))
         except KeyError as e:
             raise ArtifactError(f"model card lacks {e.args[0]!r}; re-export it with ctxsim train") from None
 
@@ -65,9 +67,9 @@ def save_model(folder: str | Path, model: EmbeddingNet, preprocess: Preprocess, 
     folder = Path(folder)
     state = inference_state(model)
     card = ModelCard(model.spec, preprocess, fingerprint(state, preprocess), __version__)
-    with atomic_path(folder / name) as tmp:
-        save_file(state, str(tmp), metadata={"fingerprint": card.fingerprint})
+    atomic_write_safetensors(folder / name, state, {"fingerprint": card.fingerprint})
     if name == WEIGHTS:
+        card.weights_sha256 = sha256_file(folder / name)  # model.json binds the exact bytes (see check_weights)
         atomic_write_json(folder / CARD, card.to_dict())
     return card
 
@@ -79,8 +81,26 @@ def read_card(run_dir: str | Path) -> ModelCard:
     return ModelCard.from_dict(read_json(run_dir / CARD))
 
 
+def check_weights(path: str | Path, card: ModelCard, state: dict[str, torch.Tensor] | None = None) -> None:
+    """Refuse weights that are not the bytes ``card`` (model.json) records: ArtifactError (one line) when the file's
+    sha256 differs from ``card.weights_sha256`` (when recorded: run folders of older versions have none) or the
+    fingerprint of its tensors (``state``, loaded from ``path`` when not given) differs from ``card.fingerprint``."""
+    path = Path(path)
+    if card.weights_sha256 and sha256_file(path) != card.weights_sha256:
+        raise ArtifactError(f"{path} does not match the sha256 recorded in {CARD} (damaged or replaced); "
+                            "restore the run folder from a copy or re-train")
+    if card.fingerprint:
+        got = fingerprint(load_file(str(path)) if state is None else state, card.preprocess)
+        if got != card.fingerprint:
+            raise ArtifactError(f"{path} holds model {got}, not model {card.fingerprint} that {CARD} records "
+                                "(damaged or replaced); restore the run folder from a copy or re-train")
+
+
 def load_run(run_dir: str | Path, weights: str = WEIGHTS) -> tuple[EmbeddingNet, ModelCard]:
-    """Build the network recorded in ``run_dir/model.json`` and load its safetensors weights (eval mode, CPU)."""
+    """Build the network recorded in ``run_dir/model.json`` and load its safetensors weights (eval mode, CPU).
+
+    ``model.safetensors`` is checked against model.json first (:func:`check_weights`): damaged or replaced weights
+    are refused with ArtifactError, never served."""
     run_dir = Path(run_dir)
     card = read_card(run_dir)
     spec = ModelSpec.from_dict({**card.arch.to_dict(), "pretrained": None})  # weights come from the file
@@ -92,6 +112,8 @@ def load_run(run_dir: str | Path, weights: str = WEIGHTS) -> tuple[EmbeddingNet,
         state = load_file(str(path))
     except Exception as e:
         raise ArtifactError(f"{path} is not a readable safetensors file ({e}); re-train or re-copy it") from None
+    if weights == WEIGHTS:
+        check_weights(path, card, state)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:

@@ -2,8 +2,6 @@
 dataset written in the recipe's own on-disk layout."""
 from __future__ import annotations
 
-import io
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -95,22 +93,8 @@ def fake_inat(root: Path) -> Path:
     return root
 
 
-def fake_omniglot(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    for split, alphabets in (("images_background", ("Latin", "Greek", "Futurama")), ("images_evaluation", ("Atlantean",))):
-        with zipfile.ZipFile(root / f"{split}.zip", "w") as z:
-            for a in alphabets:
-                for c in range(1, 5):
-                    for j in range(4):
-                        buf = io.BytesIO()
-                        arr = (np.random.default_rng(hash((a, c, j)) % 2**32).random((30, 30)) > 0.5) * 255
-                        Image.fromarray(arr.astype(np.uint8), "L").convert("1").save(buf, "PNG")
-                        z.writestr(f"{split}/{a}/character{c:02d}/{c:02d}{j:02d}_{j + 1:02d}.png", buf.getvalue())
-    return root
-
-
 FAKES = {"cub200": fake_cub, "cars196": fake_cars, "sop": fake_sop, "inshop": fake_inshop, "inat2021": fake_inat,
-         "omniglot": fake_omniglot}
+         "omniglot": None}  # the fake_omniglot fixture of tests/conftest.py (generated official zips)
 
 
 def _small(cfg, name: str, data_root: Path | None) -> dict:
@@ -186,10 +170,12 @@ def test_paper_backbone_forward():
 
 
 @pytest.mark.parametrize("name", RECIPES)
-def test_recipe_trains_one_step(name, tmp_path):
+def test_recipe_trains_one_step(name, tmp_path, request):
     cfg = resolve_config(name)
     root = None
-    if cfg.data.dataset != "digits":
+    if cfg.data.dataset == "omniglot":
+        root = request.getfixturevalue("fake_omniglot")
+    elif cfg.data.dataset != "digits":
         make = FAKES.get(cfg.data.dataset)
         assert make is not None, f"no fake layout for dataset {cfg.data.dataset!r}; add one to this test"
         root = make(tmp_path / "data")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -11,7 +12,19 @@ from safetensors.torch import load_file
 from ctxsim.config import parse_set, resolve_config
 from ctxsim.errors import ConfigError, TrainingDiverged
 from ctxsim.nets import load_run
-from ctxsim.train import Trainer, resume, train
+from ctxsim.train import Trainer, read_best, read_checkpoint, resume, train
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def metric_records(run):
+    """metrics.jsonl without the one field that is a wall-clock measurement."""
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"} for line in lines]
 
 
 def tiny_config(**overrides):
@@ -28,15 +41,16 @@ def test_run_folder_contents(tmp_path):
     result = train(tiny_config(), tmp_path / "run")
     run = tmp_path / "run"
     for name in ("config.yaml", "model.safetensors", "model.json", "metrics.jsonl",
-                 "checkpoints/last.safetensors", "checkpoints/last.state.pt"):
+                 "checkpoints/last.safetensors", "checkpoints/best.safetensors"):
         assert (run / name).exists(), name
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.safetensors", "last.safetensors"]
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["optim"]["backbone_lr_scale"] == 0.5 and cfg["data"]["m"] == 12  # every default written out
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert 0.0 <= records[-1]["test/R@1"] <= 1.0 and "test/MAP@R" in records[-1]
     assert result.metrics["R@1"] == records[-1]["test/R@1"]
-    best = json.loads((run / "checkpoints" / "best.json").read_text())
+    best = read_best(run)
     assert best["metric"] == "test/R@1" and best["value"] == max(r["test/R@1"] for r in records)
     assert best["epoch"] == max(records, key=lambda r: r["test/R@1"])["epoch"]
     best_weights = load_file(str(run / "checkpoints" / "best.safetensors"))
@@ -45,6 +59,13 @@ def test_run_folder_contents(tmp_path):
     model, card = load_run(run)
     assert card.embedding_dim == 64 and card.preprocess.channels == "L"
     assert not list(run.rglob(".*.tmp"))
+    ckpt = read_checkpoint(run)  # one file: weights and trainer state of the same epoch, with the history
+    assert ckpt.epoch == 2 and [r["epoch"] for r in ckpt.state["history"]] == [1, 2]
+    assert ckpt.state["best"] == best
+    for k, v in final.items():
+        assert torch.equal(ckpt.weights[k], v), k
+    for p in [*run.rglob("*.safetensors"), *run.rglob("*.json*"), run / "config.yaml"]:
+        assert p.stat().st_mode & 0o777 == 0o666 & ~_umask(), p  # readable by e.g. a Triton container
 
 
 def test_backbone_trains_at_half_the_head_rate(tmp_path):
@@ -66,12 +87,13 @@ def test_resume_continues_exactly(tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
     assert resumed.metrics == straight.metrics
     assert [r["epoch"] for r in resumed.history] == [1, 2]
+    assert metric_records(tmp_path / "split") == metric_records(tmp_path / "straight")
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     run = tmp_path / "run"
     train(tiny_config(epochs=1), run)
-    good = load_file(str(run / "checkpoints" / "last.safetensors"))
+    good = read_checkpoint(run).weights
     trainer = Trainer(tiny_config(epochs=3), run)
     trainer.load_checkpoint()
     calls = {"n": 0}
@@ -85,7 +107,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer.loss, "forward", poisoned)
     with pytest.raises(TrainingDiverged, match="checkpoint"):
         trainer.fit()
-    kept = load_file(str(run / "checkpoints" / "last.safetensors"))
+    kept = read_checkpoint(run).weights
     for k in good:
         assert torch.equal(good[k], kept[k])
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 1

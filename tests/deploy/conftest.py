@@ -1,30 +1,15 @@
-"""Fixtures for the deploy tests: an untrained (seeded) Omniglot-sized model and galleries of real Omniglot images."""
+"""Fixtures for the deploy tests: an untrained (seeded) Omniglot-sized model and galleries of real Omniglot drawings
+(the sample shipped in the package; run folders come from tests/export_helpers.make_run, shared with the export tests).
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
+
+from export_helpers import make_run
 
 N_CLASSES = 12  # Omniglot evaluation classes written out as a class-per-folder gallery (20 images each)
-
-
-def make_run(folder: Path, seed: int, data_root: Path | None = None) -> Path:
-    """A run folder holding a seeded, untrained 64-d ConvNet (and a config.yaml when ``data_root`` is given)."""
-    from ctxsim.data.transforms import Preprocess
-    from ctxsim.nets import EmbeddingNet, ModelSpec, save_model
-
-    torch.manual_seed(seed)
-    spec = ModelSpec(backbone="convnet", in_channels=1, embedding_dim=64, pooling="max", frozen_bn=False)
-    save_model(folder, EmbeddingNet(spec), Preprocess.greyscale(28, 28))
-    if data_root is not None:
-        from ctxsim.config import resolve_config
-
-        cfg = resolve_config("omniglot", overrides={"data": {"root": str(data_root)},
-                                                    "model": {**spec.to_dict()}})
-        (folder / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return folder
 
 
 @pytest.fixture(scope="session")
@@ -36,12 +21,12 @@ def omniglot_eval(omniglot_dir):
 
 @pytest.fixture(scope="session")
 def run_dir(tmp_path_factory, omniglot_dir) -> Path:
-    return make_run(tmp_path_factory.mktemp("run"), seed=0, data_root=omniglot_dir)
+    return make_run(tmp_path_factory.mktemp("run"), "convnet", omniglot_dir, seed=0)
 
 
 @pytest.fixture(scope="session")
 def other_run_dir(tmp_path_factory) -> Path:
-    return make_run(tmp_path_factory.mktemp("other_run"), seed=1)
+    return make_run(tmp_path_factory.mktemp("other_run"), "convnet", seed=1)
 
 
 def write_classes(dataset, classes: range, root: Path) -> Path:

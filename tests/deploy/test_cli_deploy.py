@@ -60,3 +60,25 @@ def test_index_build_and_add_with_device_decode(tmp_path, cli, gallery_dir, run_
     assert r.exit_code == 0, r.output
     top = json.loads(r.output)["results"][0]["neighbors"][0]
     assert top["path"].endswith("9.jpg") and top["score"] > 0.999
+
+
+def test_token_file_keeps_the_secret_out_of_the_process_list(tmp_path, cli):
+    from ctxsim.deploy.serve import read_token_file
+    from ctxsim.errors import ConfigError
+
+    f = tmp_path / "token"
+    f.write_text("  s3cret-token \nignored second line\n")
+    assert read_token_file(f) == "s3cret-token"
+    (tmp_path / "empty").write_text(" \n")
+    with pytest.raises(ConfigError, match="is empty"):
+        read_token_file(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="cannot read the token file"):
+        read_token_file(tmp_path / "missing")
+    (tmp_path / "binary").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(ConfigError, match="cannot read"):
+        read_token_file(tmp_path / "binary")
+    # both forms at once is refused before anything starts
+    result = cli("serve", tmp_path / "idx", "--token", "x", "--token-file", f)
+    assert isinstance(result.exception, ConfigError) and "give the token once" in str(result.exception)
+    help_text = cli("serve", "--help").output
+    assert "--token-file" in help_text and "CTXSIM_TOKEN" in help_text

@@ -1,13 +1,11 @@
 """The HTTP server, for real: uvicorn on a free loopback port, spoken to with httpx."""
 from __future__ import annotations
 
-import contextlib
 import io
 import shutil
-from pathlib import Path
-import socket
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,31 +15,11 @@ pytest.importorskip("multipart")
 httpx = pytest.importorskip("httpx")
 uvicorn = pytest.importorskip("uvicorn")
 
+from serve_helpers import running  # noqa: E402
+
 TOKEN = "s3cret-token"
 MAX_UPLOAD = 200_000
 MAX_PIXELS = 1_000_000
-
-
-@contextlib.contextmanager
-def running(app):
-    """uvicorn serving ``app`` on a free loopback port, in a thread; yields its URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    srv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=srv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started:
-        assert thread.is_alive() and time.time() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        srv.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -243,12 +221,8 @@ def test_follow_model_swaps_model_and_index_together(tmp_path, flat_index, extra
 def test_follow_model_refuses_a_model_that_failed_parity(tmp_path, flat_index, extra_dir, omniglot_dir):
     """An automatic model swap is conservative: a new model whose own parity check failed (parity.json beside it)
     is refused, and the served model and index stay."""
-    import sys
-
     from ctxsim.deploy import build_index, create_app
     from ctxsim.export import check_parity, export_onnx
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "export"))
     from export_helpers import make_run, perturb_onnx
 
     run = make_run(tmp_path / "run2", "convnet", omniglot_dir, seed=2)
@@ -264,17 +238,27 @@ def test_follow_model_refuses_a_model_that_failed_parity(tmp_path, flat_index, e
 
 
 def test_recorded_parity_verdict(tmp_path):
+    """A verdict counts only for the exact bytes it was computed on (the sha256 its record names)."""
     import json
 
     from ctxsim.export.parity import recorded_verdict
+    from ctxsim.io import sha256_file
 
     art = tmp_path / "model.onnx"
     assert recorded_verdict(art) == (None, [])  # nothing recorded
-    (tmp_path / "parity.json").write_text(json.dumps({"model.onnx": {"passed": False, "failures": ["x"]},
-                                                      "model.fp16.onnx": {"passed": True, "failures": []}}))
+    for name in ("model.onnx", "model.fp16.onnx", "model.int8.onnx"):
+        (tmp_path / name).write_bytes(name.encode())
+    sha = {p.name: sha256_file(p) for p in tmp_path.iterdir()}
+    (tmp_path / "parity.json").write_text(json.dumps({
+        "model.onnx": {"passed": False, "failures": ["x"], "sha256": sha["model.onnx"]},
+        "model.fp16.onnx": {"passed": True, "failures": [], "sha256": sha["model.fp16.onnx"]},
+        "model.int8.onnx": {"passed": True, "failures": []}}))  # recorded before records named their bytes
     assert recorded_verdict(art) == (False, ["x"])
     assert recorded_verdict(tmp_path / "model.fp16.onnx") == (True, [])
-    assert recorded_verdict(tmp_path / "model.int8.onnx") == (None, [])
+    assert recorded_verdict(tmp_path / "model.int8.onnx") == (None, [])  # bound to no bytes: no verdict
+    (tmp_path / "model.fp16.onnx").write_bytes(b"other bytes")
+    assert recorded_verdict(tmp_path / "model.fp16.onnx") == (None, [])  # "passed" was for other bytes
+    assert recorded_verdict(tmp_path) == (None, [])  # a folder (a run folder) has no verdict
     (tmp_path / "parity.json").write_text("{not json")
     assert recorded_verdict(art) == (None, [])
 

@@ -67,14 +67,15 @@ def test_metadata_round_trips(convnet_export, convnet_run):
     assert read_onnx_contract(convnet_export.fp16_path)["precision"] == "fp16"
 
 
-def test_preprocess_batch_is_the_eval_transform(omniglot_images, convnet_export):
+def test_preprocess_batch_is_the_eval_transform(omniglot_images, large_drawings, convnet_export):
     contract = convnet_export.contract
-    got = preprocess_batch(omniglot_images[:5], contract)
+    images = omniglot_images[:3] + large_drawings[:2]  # 28 px (no resize) and 105 px (resized to 28)
+    got = preprocess_batch(images, contract)
     tf = eval_transform(contract_preprocess_dict(contract))
-    want = torch.stack([tf(im) for im in omniglot_images[:5]]).numpy()
+    want = torch.stack([tf(im) for im in images]).numpy()
     assert got.dtype == np.float32 and got.shape == (5, 1, 28, 28)
     np.testing.assert_array_equal(got, want)
-    raw = preprocess_batch(omniglot_images[:5], {**contract, "input_format": "uint8_nhwc"})
+    raw = preprocess_batch(images, {**contract, "input_format": "uint8_nhwc"})
     assert raw.dtype == np.uint8 and raw.shape == (5, 28, 28, 1)
     assert preprocess_batch([], contract).shape == (0, 1, 28, 28)
 
@@ -84,7 +85,7 @@ def contract_preprocess_dict(contract):
 
 
 @pytest.mark.parametrize("family", ["convnet", "mobilenet_v3_small"])  # greyscale "L" (C=1) and RGB
-def test_uint8_nhwc_graph_equals_float_graph(tmp_path, family, omniglot_images):
+def test_uint8_nhwc_graph_equals_float_graph(tmp_path, family, omniglot_images, large_drawings):
     run = make_run(tmp_path / "run", family)
     f = open_runner(export_onnx(run, tmp_path / "float").onnx_path)
     u = open_runner(export_onnx(run, tmp_path / "uint8", input_format="uint8_nhwc").onnx_path)
@@ -92,7 +93,7 @@ def test_uint8_nhwc_graph_equals_float_graph(tmp_path, family, omniglot_images):
     c = 1 if family == "convnet" else 3
     assert u.contract["input_shape"][1:] == [f.contract["input_size"]] * 2 + [c]
 
-    images = omniglot_images[:16]
+    images = omniglot_images[:8] + large_drawings[:8]
     raw = preprocess_batch(images, u.contract)
     assert raw.dtype == np.uint8 and raw.shape[-1] == c
     on_float = f.run(preprocess_batch(images, f.contract))

@@ -80,7 +80,7 @@ def test_calibration_images_come_from_the_training_classes(convnet_run):
     from ctxsim.runs import run_config
 
     images = run_calibration_images(convnet_run, limit=40, seed=3)
-    assert len(images) == 40 and all(im.size == (105, 105) for im in images)
+    assert len(images) == 40 and all(im.size == (28, 28) for im in images)  # drawings of the shipped sample
     # every calibration image is a drawing of the training split: none equals an evaluation image
     _, card = load_run(convnet_run)
     ev = open_eval_dataset(run_config(convnet_run), card.preprocess, limit=LIMIT).with_transform(None)

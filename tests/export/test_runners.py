@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import importlib.util
+import sys
 
 import numpy as np
 import pytest
@@ -88,6 +89,28 @@ def test_engine_without_tensorrt_is_missing_dependency(tmp_path):
     engine.write_bytes(b"\0" * 64)
     with pytest.raises(MissingDependency, match=r"pip install 'ctxsim\[trt\]'"):
         open_runner(engine)
+
+
+def test_no_onnxruntime_names_the_extras(monkeypatch, convnet_export):
+    """ONNX Runtime is an extra ([cpu] or [gpu], never both): without either, one line says which to install."""
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    with pytest.raises(MissingDependency, match=r"pip install 'ctxsim\[cpu\]' \(CPU\) or 'ctxsim\[gpu\]'") as e:
+        open_runner(convnet_export.onnx_path)
+    assert "Jetson" in _one_line(e)
+    with pytest.raises(MissingDependency):
+        default_providers()
+
+
+def test_onnxruntime_is_an_extra_not_a_core_dependency():
+    import tomllib
+    from pathlib import Path
+
+    project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
+    assert not any(d.startswith("onnxruntime") for d in project["dependencies"])
+    extras = project["optional-dependencies"]
+    assert extras["cpu"] == ["onnxruntime>=1.18"] and any(d.startswith("onnxruntime-gpu") for d in extras["gpu"])
+    assert not any(d.startswith("onnxruntime-gpu") for d in extras["cpu"])
+    assert any("cpu" in d for d in extras["dev"] if d.startswith("ctxsim["))  # the README's install has a runtime
 
 
 def test_a_shadowed_gpu_onnxruntime_is_named():

@@ -1,4 +1,8 @@
-"""Helpers for the export tests: run folders made without training (random weights, real Omniglot config)."""
+"""Helpers for the export and deploy tests: run folders made without training (seeded random weights), the
+shipped Omniglot sample as their data, and a weight-perturbed copy of an ONNX file.
+
+Importable as ``export_helpers`` from every test folder (tests/ is on sys.path through tests/conftest.py).
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -19,21 +23,20 @@ FAMILIES = {
 }
 
 
-def make_run(run_dir: Path, family: str = "convnet", omniglot_dir: Path | None = None, seed: int = 0,
+def make_run(run_dir: Path, family: str = "convnet", data_root: str | Path | None = None, seed: int = 0,
              embedding_dim: int = 64) -> Path:
-    """A run folder: model.safetensors + model.json (random weights) and, with omniglot_dir, config.yaml."""
+    """A run folder: model.safetensors + model.json (random weights seeded with ``seed``) and, with ``data_root``
+    (e.g. the ``omniglot_dir`` fixture: the shipped sample), a config.yaml of the omniglot recipe reading it."""
     spec_kw, preprocess = FAMILIES[family]
+    spec = ModelSpec(embedding_dim=embedding_dim, pooling="max", frozen_bn=False, **spec_kw)
     torch.manual_seed(seed)
-    model = EmbeddingNet(ModelSpec(embedding_dim=embedding_dim, pooling="max", frozen_bn=False, **spec_kw))
+    model = EmbeddingNet(spec)
     run_dir.mkdir(parents=True, exist_ok=True)
     save_model(run_dir, model, preprocess)
-    if omniglot_dir is not None:
-        overrides = {"data": {"root": str(omniglot_dir)}}
-        if family != "convnet":
-            overrides.update(model=ModelSpec(embedding_dim=embedding_dim, pooling="max", frozen_bn=False,
-                                             **spec_kw).to_dict(), preprocess=preprocess.to_dict())
-        cfg = resolve_config("omniglot", overrides=overrides)
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict()))
+    if data_root is not None:
+        cfg = resolve_config("omniglot", overrides={"data": {"root": str(data_root)}, "model": spec.to_dict(),
+                                                    "preprocess": preprocess.to_dict()})
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return run_dir
 
 
