@@ -114,7 +114,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes
          ) -> None:
     """Offline end-to-end demo on a shipped real sample: train, evaluate on unseen classes (untrained vs trained),
     export + parity, index, search, bench; writes summary.json and learning_curve.png beside its outputs."""
-    from ctxsim.demo import run_demo
+    from ctxsim.cli.demo import run_demo
 
     with new_progress() as p:
         summary = run_demo(out, epochs=epochs, callback=TrainingDisplay(p), say=p.console.print, dataset=dataset)

@@ -3,54 +3,26 @@
 ``search(index_dir, images, k)`` embeds the queries with the index's model (or ``model``; another model is
 refused with FingerprintMismatch) and returns one :class:`QueryResult` per query with its ranked
 :class:`Neighbor` s ``(rank, score, id, path, label)``. ``check_recall`` measures recall@k of the index against
-exact search over the same stored embeddings. ``write_grid`` draws one row per query: the query, then its
-neighbours, each framed green (same label as the query) or red (different), grey when a label is unknown, with
-the score underneath.
+exact search over the same stored embeddings. ``write_grid`` (from ``ctxsim.grid``, re-exported here) draws the
+results as a PNG.
 """
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Callable
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
 from ctxsim.errors import ConfigError, DataError
-from ctxsim.io import atomic_path
+from ctxsim.grid import GRID_BORDER, GRID_CAPTION, Neighbor, QueryResult, grid_size, write_grid
 
 from ctxsim.deploy.gallery import GalleryItem, load_image, load_images, open_gallery
 from ctxsim.deploy.index import Index, load_index
 
 __all__ = ["Neighbor", "QueryResult", "search", "search_embeddings", "check_recall", "write_grid", "grid_size",
            "GRID_BORDER", "GRID_CAPTION"]
-
-
-class Neighbor(NamedTuple):
-    """One retrieved item."""
-
-    rank: int
-    score: float
-    id: int
-    path: str
-    label: str | None
-
-
-@dataclass
-class QueryResult:
-    """The neighbours of one query (``query`` is its path, or ``<image i>`` for an in-memory image)."""
-
-    query: str
-    neighbors: list[Neighbor]
-    label: str | None = None
-    image: Image.Image | None = field(default=None, repr=False, compare=False)
-
-    def __iter__(self):  # (query, neighbors) unpacking
-        return iter((self.query, self.neighbors))
-
-    def to_dict(self) -> dict:
-        return {"query": self.query, "label": self.label, "neighbors": [n._asdict() for n in self.neighbors]}
 
 
 def _as_index(index: str | os.PathLike | Index) -> Index:
@@ -145,57 +117,3 @@ def check_recall(index_dir: str | os.PathLike | Index, k: int = 10, n_queries: i
     hits = [len(set(a[a >= 0].tolist()) & set(e.tolist())) for a, e in zip(approx, exact)]
     return {"recall": float(np.mean(hits) / kk), "k": kk, "queries": len(q), "index_type": index.index_type,
             "count": index.count}
-
-
-# ---------------------------------------------------------------------------------------------- grid
-GRID_BORDER = 4     # coloured frame around each thumbnail, px
-GRID_CAPTION = 14   # text line under each thumbnail, px
-_GREEN, _RED, _GREY, _BLUE = (40, 170, 60), (210, 40, 40), (150, 150, 150), (60, 90, 200)
-
-
-def grid_size(rows: int, cols: int, thumb: int = 96) -> tuple[int, int]:
-    """(width, height) of a grid: each cell is (thumb + 2 * GRID_BORDER) wide, (thumb + 2 * GRID_BORDER +
-    GRID_CAPTION) high; ``cols`` = 1 (the query) + the most neighbours of any row."""
-    return cols * (thumb + 2 * GRID_BORDER), rows * (thumb + 2 * GRID_BORDER + GRID_CAPTION)
-
-
-def _thumb(src: Any, thumb: int) -> Image.Image:
-    try:
-        im = load_image(src).convert("RGB")
-    except DataError:
-        return Image.new("RGB", (thumb, thumb), (220, 220, 220))
-    scale = thumb / max(im.width, im.height)  # small images (digits, Omniglot) are enlarged to fill the cell
-    im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                   Image.NEAREST if scale > 1 else Image.BILINEAR)
-    canvas = Image.new("RGB", (thumb, thumb), (255, 255, 255))
-    canvas.paste(im, ((thumb - im.width) // 2, (thumb - im.height) // 2))
-    return canvas
-
-
-def write_grid(results: Sequence[QueryResult], out_png: str | os.PathLike, thumb: int = 96) -> tuple[int, int]:
-    """Draw ``results`` (one row per query) into a PNG of :func:`grid_size` pixels; returns (width, height)."""
-    if not results:
-        raise ConfigError("no results to draw")
-    if thumb < 8:
-        raise ConfigError(f"thumb must be >= 8 px, got {thumb}")
-    cols = 1 + max(len(r.neighbors) for r in results)
-    w, h = grid_size(len(results), cols, thumb)
-    cell_w, cell_h = thumb + 2 * GRID_BORDER, thumb + 2 * GRID_BORDER + GRID_CAPTION
-    img = Image.new("RGB", (w, h), (255, 255, 255))
-    draw = ImageDraw.Draw(img)
-    font = ImageFont.load_default()
-    for r, res in enumerate(results):
-        y = r * cell_h
-        cells = [(res.image if res.image is not None else res.query, _BLUE, "query")]
-        for n in res.neighbors:
-            colour = _GREY if res.label is None or n.label is None else (_GREEN if n.label == res.label else _RED)
-            cells.append((n.path, colour, f"{n.score:.3f}"))
-        for c, (src, colour, caption) in enumerate(cells):
-            x = c * cell_w
-            draw.rectangle([x, y, x + cell_w - 1, y + thumb + 2 * GRID_BORDER - 1], fill=colour)
-            img.paste(_thumb(src, thumb), (x + GRID_BORDER, y + GRID_BORDER))
-            draw.text((x + GRID_BORDER, y + thumb + 2 * GRID_BORDER + 1), caption, fill=(0, 0, 0), font=font)
-    out = Path(out_png)
-    with atomic_path(out) as tmp:
-        img.save(tmp, format="PNG")
-    return w, h

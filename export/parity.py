@@ -250,7 +250,7 @@ def write_flips_grid(examples: list[dict[str, Any]], dataset: Any, out_png: str 
     green when of the query's class, red otherwise; captions: the similarities)."""
     import tempfile
 
-    from ctxsim.deploy.search import Neighbor, QueryResult, write_grid
+    from ctxsim.grid import Neighbor, QueryResult, write_grid
 
     if not examples:
         raise ConfigError("no flipped queries to draw")

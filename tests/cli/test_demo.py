@@ -72,7 +72,7 @@ def test_demo_on_digits_with_one_thread(tmp_path):
 
 
 def test_demo_refuses_an_unknown_dataset(tmp_path):
-    from ctxsim.demo import run_demo as demo
+    from ctxsim.cli.demo import run_demo as demo
     from ctxsim.errors import ConfigError
 
     with pytest.raises(ConfigError, match="unknown demo dataset 'mnist'; use omniglot-mini or digits"):
