@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
-from ctxsim.export import build_engine, check_engine_compatible, preprocess_batch
+from ctxsim.export import build_engine, check_engine_compatible
 from ctxsim.export.tensorrt import (SUPPORTED_MAJORS, TRT_HINT, engine_precision, engine_sidecar, network_flags,
                                     read_sidecar, sidecar_path, tensorrt_major)
 
