@@ -42,23 +42,11 @@ def test_int8_onnx_is_qdq_and_passes_int8_parity(int8_onnx, convnet_run, convnet
 def test_int8_onnx_is_what_tensorrt_parses(int8_onnx):
     """onnx-tensorrt takes DequantizeLinear of INT8 tensors with zero points 0 only: ONNX Runtime's default int32
     bias quantisation made 6 DequantizeLinear of INT32 in the demo model; biases must stay float."""
-    from onnx import numpy_helper
+    from ctxsim.export.trt_compat import onnx_problems
 
+    assert onnx_problems(int8_onnx, 10) == [] and onnx_problems(int8_onnx, 11) == []
     proto = onnx.load(str(int8_onnx))
     inits = {i.name: i for i in proto.graph.initializer}
-    produced_by = {out: n for n in proto.graph.node for out in n.output}
-    dq = [n for n in proto.graph.node if n.op_type == "DequantizeLinear"]
-    assert dq
-    for n in dq:
-        x = n.input[0]
-        x_type = inits[x].data_type if x in inits else None  # activations: the output of a QuantizeLinear
-        assert x_type == onnx.TensorProto.INT8 or getattr(produced_by.get(x), "op_type", None) == "QuantizeLinear", n.name
-        if len(n.input) > 2 and n.input[2]:
-            assert not numpy_helper.to_array(inits[n.input[2]]).any(), f"{n.name}: nonzero zero point"
-    for n in proto.graph.node:
-        if n.op_type == "QuantizeLinear" and len(n.input) > 2 and n.input[2]:
-            zp = inits[n.input[2]]
-            assert zp.data_type == onnx.TensorProto.INT8 and not numpy_helper.to_array(zp).any(), n.name
     convs = [n for n in proto.graph.node if n.op_type in ("Conv", "Gemm") and len(n.input) > 2]
     assert convs and all(n.input[2] in inits and inits[n.input[2]].data_type == onnx.TensorProto.FLOAT
                          for n in convs)  # biases stay float
