@@ -10,7 +10,7 @@ from typing import List, Optional
 
 import typer
 
-from ctxsim.errors import CtxsimError
+from ctxsim.errors import CtxsimError, ParityFailed
 
 from ctxsim.cli.console import (TrainingDisplay, console, err_console, metrics_table, new_progress, progress_callback,
                                 show_logs)
@@ -32,6 +32,8 @@ def train(
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
     gpus: int = typer.Option(1, help="Train on N GPUs of this machine with DDP (torchrun); data.batch_size is the "
                                      "global batch and must be divisible by m x N."),
+    check: bool = typer.Option(False, "--check", help="Check the settings: build the data, model, loss and "
+                                                      "optimiser and run one step, then stop (writes nothing)."),
 ) -> None:
     """Train an embedding model; writes config.yaml, model.safetensors, model.json, metrics.jsonl."""
     from ctxsim.config import parse_set, resolve_config
@@ -52,6 +54,12 @@ def train(
             if epochs:
                 overrides["epochs"] = epochs
             cfg = resolve_config(recipe, config, overrides)
+            if check:
+                from ctxsim.train import check_config
+
+                loss = check_config(cfg, weights)
+                console.print(f"settings ok: one step on {cfg.data.dataset} ran, loss {loss:.4f}")
+                return
             result = train_run(cfg, out, display, weights)
     if not main_rank:
         return
@@ -144,7 +152,7 @@ def main() -> None:
 
         # one line, never wrapped; escaped, so "pip install 'ctxsim[cpu]'" is not read as rich markup
         err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        sys.exit(1 if isinstance(e, ParityFailed) else 2)  # a failed parity check is a verdict, not bad input
     except KeyboardInterrupt:
         err_console.print("interrupted")
         sys.exit(130)

@@ -92,10 +92,11 @@ def register(app: typer.Typer) -> None:
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Show index.json (and optionally the index's recall@K against exact search)."""
-        from ctxsim.deploy.index import load_index, read_index_info
+        from ctxsim.deploy.index import check_files_present, load_index, read_index_info
         from ctxsim.deploy.search import check_recall as recall
 
         info = read_index_info(index_dir)
+        check_files_present(info)
         out = info.to_json()
         if check_recall:
             out["recall"] = recall(load_index(index_dir), k=check_recall)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ctxsim.cli.console import console, err_console, progress_callback
+from ctxsim.cli.console import console, progress_callback
 
 
 def parity_table(reports: dict) -> Table:
@@ -32,15 +32,6 @@ def parity_table(reports: dict) -> Table:
 
 def _f(v, digits: int) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
-
-
-def _print_failures(reports: dict) -> bool:
-    ok = True
-    for name, r in reports.items():
-        for failure in r.failures:
-            ok = False
-            err_console.print(f"[red]{name}:[/red] {failure}", highlight=False)
-    return ok
 
 
 def register(app: typer.Typer) -> None:
@@ -75,7 +66,7 @@ def register(app: typer.Typer) -> None:
         """Export a run to ONNX (+fp16, +int8, +TensorRT), check parity, write Triton repository and manifest.json.
 
         Exits 1 when a parity check fails (the artifacts are written and the report is in parity.json)."""
-        from ctxsim.export import export_run
+        from ctxsim.export import export_run, raise_if_failed
 
         out_dir = out or run_dir / "export"
         with progress_callback("export") as progress:
@@ -90,8 +81,7 @@ def register(app: typer.Typer) -> None:
         console.print(f"manifest: {result.manifest_path}  (model {result.fingerprint})")
         if result.parity:
             console.print(parity_table(result.parity))
-            if not _print_failures(result.parity):
-                raise typer.Exit(1)
+            raise_if_failed(result.parity)  # ParityFailed: main() prints it and exits 1
 
     @app.command("parity", epilog="Example: ctxsim parity runs/omni --artifact runs/omni/export/model.fp16.onnx --limit 2000")
     def parity_cmd(
@@ -109,7 +99,7 @@ def register(app: typer.Typer) -> None:
         Exits 1 when a threshold fails."""
         import json
 
-        from ctxsim.export import check_parity
+        from ctxsim.export import check_parity, raise_if_failed
 
         with progress_callback("embedding") as progress:
             report = check_parity(run_dir, artifact, data_root=data, thresholds=thresholds, limit=limit,
@@ -122,5 +112,4 @@ def register(app: typer.Typer) -> None:
         if flips_grid is not None:
             console.print(f"flips: {flips_grid} ({len(ties['examples'])} queries)" if ties.get("examples")
                           else "flips: none, no grid written")
-        if not _print_failures({artifact.name: report}):
-            raise typer.Exit(1)
+        raise_if_failed({artifact.name: report})

@@ -3,16 +3,22 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+import typing
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from ctxsim.data.transforms import Preprocess
 from ctxsim.errors import ConfigError
 from ctxsim.nets.embedding import ModelSpec
+from ctxsim.schema import check
+
+__all__ = ["DataConfig", "LossConfig", "OptimConfig", "TrainConfig", "resolve_config", "config_from_dict",
+           "parse_set", "load_yaml", "recipe_path", "list_recipes", "validate"]
 
 
 @dataclass
@@ -21,17 +27,19 @@ class DataConfig:
     root: str | None = None            # where the dataset lives (not needed for digits)
     test_classes: float = 0.5          # a dataset without a test split: fraction of classes held out for testing
     val_classes: float = 0.0           # fraction of training classes (super-classes when known) held out to validate
-    sampler: str = "m_per_class"       # or "hierarchical" (two super-classes a batch, as the paper on SOP/iNat)
+    # "hierarchical": two super-classes a batch, as the paper on SOP/iNat
+    sampler: Literal["m_per_class", "hierarchical"] = "m_per_class"
     m: int = 4                         # images per class in a batch
     batch_size: int = 128
     batches_per_epoch: int | None = None  # default: training images // batch size
     num_workers: int = 0
     train_scale: tuple[float, float] = (0.16, 1.0)  # RandomResizedCrop scale range
     flip: bool = True
-    on_error: str = "raise"            # corrupt images: "raise" or "skip" (counted and reported)
+    on_error: Literal["raise", "skip"] = "raise"  # corrupt images: "raise" or "skip" (counted and reported)
     label_noise: float = 0.0           # fraction of training labels replaced at random (robustness studies)
-    decode: str = "loader"             # training JPEGs: "loader" (Pillow in the DataLoader) or "device" (nvJPEG
-                                       # and augmentation on the training GPU; ctxsim.data.device_decode)
+    # training JPEGs: "loader" (Pillow in the DataLoader) or "device" (nvJPEG and augmentation on the training GPU;
+    # ctxsim.data.device_decode)
+    decode: Literal["loader", "device"] = "loader"
 
 
 @dataclass
@@ -44,11 +52,11 @@ class LossConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: str = "adam"            # adam | adamw
+    optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-4                   # head learning rate; the backbone gets lr * backbone_lr_scale
     backbone_lr_scale: float = 0.5     # the paper trains the backbone at half the head's rate
     weight_decay: float = 1e-4
-    schedule: str = "multistep"        # multistep | step | cosine | none
+    schedule: Literal["multistep", "step", "cosine", "none"] = "multistep"
     milestones: list[int] = field(default_factory=lambda: [15, 30, 45])
     step_size: int = 10
     gamma: float = 0.3
@@ -68,7 +76,7 @@ class TrainConfig:
     seed: int = 0
     deterministic: bool = False
     device: str = "auto"               # auto | cpu | cuda | cuda:N
-    amp: str = "auto"                  # auto (bf16 on CUDA, off on CPU) | bf16 | fp16 | off
+    amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on the CPU
     channels_last: bool = True         # on CUDA only
     compile: bool = False              # torch.compile the backbone
     tensorboard: bool = False
@@ -88,8 +96,12 @@ def _plain(obj: Any) -> Any:
 
 
 def _merge(target: Any, overrides: dict, where: str = "") -> Any:
-    """Return a copy of dataclass ``target`` with ``overrides`` applied recursively; unknown keys are errors."""
+    """Return a copy of dataclass ``target`` with ``overrides`` applied recursively; every value is checked against
+    its field's type (ctxsim.schema), unknown keys are errors."""
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"the settings must be a mapping, got {overrides!r}")
     names = {f.name: f for f in fields(target)}
+    hints = typing.get_type_hints(type(target))
     updates = {}
     for key, value in overrides.items():
         if key not in names:
@@ -99,13 +111,9 @@ def _merge(target: Any, overrides: dict, where: str = "") -> Any:
             if not isinstance(value, dict):
                 raise ConfigError(f"setting {where}{key} must be a mapping, got {value!r}")
             value = _merge(current, value, f"{where}{key}.")
-        elif isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(current, float) and isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = _number(value, float, f"{where}{key}")  # YAML reads 3e-4 as a string
-        elif isinstance(current, int) and not isinstance(current, bool) and isinstance(value, str):
-            value = _number(value, int, f"{where}{key}")
-        elif isinstance(current, dict) and isinstance(value, dict) and key == "params":
+        else:
+            value = check(value, hints[key], f"{where}{key}", lenient=True)  # YAML reads 3e-4 as a string
+        if key == "params" and isinstance(current, dict):
             # loss parameters merge while the loss stays the same; another loss starts from its own defaults
             same_loss = overrides.get("name", getattr(target, "name", None)) == getattr(target, "name", None)
             value = {**current, **value} if same_loss else value
@@ -116,13 +124,6 @@ def _merge(target: Any, overrides: dict, where: str = "") -> Any:
         return dataclasses.replace(target, **updates)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"bad value under {where or 'config'}: {e}") from None
-
-
-def _number(value, kind: type, name: str):
-    try:
-        return kind(value)
-    except ValueError:
-        raise ConfigError(f"setting {name} must be a number, got {value!r}") from None
 
 
 def parse_set(items: list[str]) -> dict:
@@ -188,19 +189,40 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 
 def validate(cfg: TrainConfig) -> None:
-    if cfg.epochs < 1:
-        raise ConfigError(f"epochs must be >= 1, got {cfg.epochs}")
-    if cfg.amp not in ("auto", "bf16", "fp16", "off"):
-        raise ConfigError(f"amp must be auto, bf16, fp16 or off, got {cfg.amp!r}")
-    if cfg.optim.optimizer not in ("adam", "adamw"):
-        raise ConfigError(f"optim.optimizer must be adam or adamw, got {cfg.optim.optimizer!r}")
-    if cfg.optim.schedule not in ("multistep", "step", "cosine", "none"):
-        raise ConfigError(f"optim.schedule must be multistep, step, cosine or none, got {cfg.optim.schedule!r}")
-    if cfg.data.on_error not in ("raise", "skip"):
-        raise ConfigError(f"data.on_error must be raise or skip, got {cfg.data.on_error!r}")
-    if cfg.data.decode not in ("loader", "device"):
-        raise ConfigError(f"data.decode must be loader or device, got {cfg.data.decode!r}")
-    if not 0.0 <= cfg.data.label_noise < 1.0:
-        raise ConfigError(f"data.label_noise must be in [0, 1), got {cfg.data.label_noise}")
+    """Ranges and cross-field rules (types and option strings are checked as settings are merged)."""
+    d, o, lo = cfg.data, cfg.optim, cfg.loss
+    _at_least(("epochs", cfg.epochs, 1), ("eval_every", cfg.eval_every, 1), ("eval_batch_size", cfg.eval_batch_size, 1),
+              ("data.m", d.m, 1), ("data.batch_size", d.batch_size, 1), ("data.num_workers", d.num_workers, 0),
+              ("optim.step_size", o.step_size, 1), ("loss.warmup_epochs", lo.warmup_epochs, 0))
+    if d.batches_per_epoch is not None:
+        _at_least(("data.batches_per_epoch", d.batches_per_epoch, 1))
+    if not cfg.eval_ks or min(cfg.eval_ks) < 1:
+        raise ConfigError(f"eval_ks must be a non-empty list of integers >= 1, got {cfg.eval_ks}")
+    if any(m < 0 for m in o.milestones):
+        raise ConfigError(f"optim.milestones must be epochs >= 0, got {o.milestones}")
+    if not 0 <= cfg.seed < 2**32:
+        raise ConfigError(f"seed must be in [0, 2**32), got {cfg.seed}")
+    for name, value in (("optim.lr", o.lr), ("optim.gamma", o.gamma), ("loss.lr", lo.lr)):
+        if value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value}")
+    for name, value in (("optim.backbone_lr_scale", o.backbone_lr_scale), ("optim.weight_decay", o.weight_decay)):
+        if value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value}")
+    if not 0.0 < d.test_classes < 1.0:
+        raise ConfigError(f"data.test_classes must be in (0, 1), got {d.test_classes}")
+    if not 0.0 <= d.val_classes < 1.0:
+        raise ConfigError(f"data.val_classes must be in [0, 1), got {d.val_classes}")
+    if not 0.0 < d.train_scale[0] <= d.train_scale[1] <= 1.0:
+        raise ConfigError(f"data.train_scale must be [low, high] with 0 < low <= high <= 1, got {list(d.train_scale)}")
+    if not 0.0 <= d.label_noise < 1.0:
+        raise ConfigError(f"data.label_noise must be in [0, 1), got {d.label_noise}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", cfg.device):
+        raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     if cfg.preprocess.channels == "L" and cfg.model.in_channels != 1:
         raise ConfigError("preprocess.channels L needs model.in_channels 1")
+
+
+def _at_least(*checks: tuple[str, int, int]) -> None:
+    for name, value, minimum in checks:
+        if value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}")

@@ -1,4 +1,5 @@
-"""User-facing errors: one line that says what went wrong and what to do; the CLI prints them and exits 2."""
+"""User-facing errors: one line that says what went wrong and what to do; the CLI prints them and exits 2 (1 for
+ParityFailed, a verdict)."""
 
 
 class CtxsimError(Exception):
@@ -52,8 +53,9 @@ class TrainingDiverged(CtxsimError):
     """The loss became NaN or infinite; the last good checkpoint is kept."""
 
 
-class ParityFailed(CtxsimError):
-    """An exported artifact does not reproduce the reference model's retrieval within thresholds."""
+class ParityFailed(CtxsimError, AssertionError):
+    """An exported artifact does not reproduce the reference model's retrieval within thresholds (a verdict on
+    usable input: the CLI exits 1)."""
 
 
 class NonFiniteEmbedding(ArtifactError):

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from ctxsim.data.datasets import open_image
+from ctxsim.data.images import open_image
 from ctxsim.errors import ConfigError
 from ctxsim.io import atomic_path
 

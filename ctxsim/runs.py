@@ -5,9 +5,8 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-import yaml
 
-from ctxsim.config import config_from_dict
+from ctxsim.config import config_from_dict, load_yaml
 from ctxsim.embed import embed_dataset
 from ctxsim.errors import ArtifactError
 from ctxsim.evaluate import retrieval_metrics
@@ -33,7 +32,7 @@ def run_config(run_dir: str | Path, data_root: str | None = None):
     path = run_dir / "config.yaml"
     if not path.exists():
         raise ArtifactError(f"{run_dir} is not a run folder (no config.yaml); train one with `ctxsim train`")
-    cfg = config_from_dict(yaml.safe_load(path.read_text()))
+    cfg = config_from_dict(load_yaml(path))
     if data_root:
         cfg.data.root = str(data_root)
     return cfg

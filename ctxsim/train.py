@@ -40,8 +40,8 @@ import yaml
 import safetensors.torch
 
 from ctxsim import distributed as dist_utils
-from ctxsim.config import TrainConfig, config_from_dict
-from ctxsim.errors import ArtifactError, ConfigError, TrainingDiverged
+from ctxsim.config import TrainConfig, config_from_dict, load_yaml
+from ctxsim.errors import ArtifactError, ConfigError, DataError, TrainingDiverged
 from ctxsim.io import atomic_path, atomic_write_safetensors, atomic_write_text, read_json, sweep_stale_temps
 from ctxsim.losses import build_loss
 from ctxsim.losses import get_loss_class as build_loss_class
@@ -532,12 +532,34 @@ def train(cfg: TrainConfig, run_dir: str | Path, callback: Callback | None = Non
         trainer.close()
 
 
+def check_config(cfg: TrainConfig, weights: str | Path | None = None) -> float:
+    """Build everything training needs (data, model, loss, optimiser) and run one step; write nothing.
+
+    What ``ctxsim train --check`` runs: a config that passes is one that trains. Returns the step's loss."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="ctxsim-check-") as tmp:
+        trainer = Trainer(cfg, tmp, None, weights)
+        try:
+            trainer.data.sampler.set_epoch(0)
+            trainer.model.train()
+            batch = next(iter(trainer.data.loader), None)
+            if batch is None:
+                raise DataError("the training data yields no batch; lower data.batch_size or add images")
+            x, y = batch
+            if trainer.data.augment is not None:
+                x = trainer.data.augment(x)
+            return trainer.train_step(x, y)
+        finally:
+            trainer.close()
+
+
 def resume(run_dir: str | Path, callback: Callback | None = None, epochs: int | None = None) -> RunResult:
     """Continue the run in ``run_dir`` from its last checkpoint, with its saved config (optionally more epochs)."""
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ArtifactError(f"{run_dir} is not a run folder (no config.yaml)")
-    cfg = config_from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    cfg = config_from_dict(load_yaml(run_dir / "config.yaml"))
     if epochs is not None:
         cfg.epochs = epochs
     trainer = Trainer(cfg, run_dir, callback)

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ctxsim.errors import ConfigError, MissingDependency
+from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
 from ctxsim.io import atomic_write_json, atomic_write_text
 
 __all__ = ["BenchReport", "BackendRow", "SearchRow", "bench", "machine_info", "markdown_table"]
@@ -208,7 +208,7 @@ def _onnx_artifact(run_dir: Path, precision: str, tmp: Path) -> Path:
     result = _export_onnx_fn()(run_dir, tmp / "onnx", fp16=True)
     path = getattr(result, "fp16_path" if precision == "fp16" else "onnx_path", None) or tmp / "onnx" / name
     if not Path(path).exists():
-        raise FileNotFoundError(f"export_onnx wrote no {name} into {tmp / 'onnx'}")
+        raise ArtifactError(f"export_onnx wrote no {name} into {tmp / 'onnx'}; export the run with `ctxsim export`")
     return Path(path)
 
 

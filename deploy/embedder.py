@@ -1,6 +1,6 @@
 """One embedder over PyTorch, ONNX Runtime and TensorRT: recorded preprocessing, a runner, batching.
 
-``Embedder.from_artifact(path)`` picks the backend from the artifact:
+``Embedder.from_artifact(path)`` picks the backend from the artifact (``ctxsim.export.runners.resolve_artifact``):
 
 - a run folder (``model.json`` + ``model.safetensors``) -> PyTorch (``ctxsim.nets.load_run``), preprocessed with
   ``ctxsim.data.transforms.eval_transform(card.preprocess)``, the code evaluation uses; ``precision`` "bf16"
@@ -11,7 +11,10 @@
 - a ``.onnx`` file (or an export folder holding ``model.onnx``) -> ONNX Runtime through
   ``ctxsim.export.runners.open_runner``, preprocessed with ``ctxsim.export.contract.preprocess_batch`` and the
   runner's contract;
-- a ``.engine`` / ``.plan`` file -> the TensorRT runner of ``ctxsim.export``.
+- a ``.engine`` / ``.plan`` / ``.trt`` file -> the TensorRT runner of ``ctxsim.export``.
+
+``open_index_model(info, model)`` is the Embedder of an index: ``model`` or the one index.json names, refused
+(FingerprintMismatch) when it is not the model that built the index.
 
 ``embed(images)`` takes PIL images, paths or encoded bytes and returns float32 [N, D] L2-normalised embeddings;
 a NaN or infinite embedding raises NonFiniteEmbedding (never an empty search result downstream).
@@ -29,7 +32,6 @@ but not bit-identical with, Pillow's; leave it off where exact parity with evalu
 """
 from __future__ import annotations
 
-import inspect
 import io
 import logging
 import os
@@ -42,17 +44,19 @@ import torch
 from PIL import Image
 
 from ctxsim.data.device_decode import JPEG_SUFFIXES
+from ctxsim.data.images import image_errors
 from ctxsim.data.transforms import Preprocess, eval_transform
 from ctxsim.errors import ArtifactError, ConfigError, DataError, MissingDependency, NonFiniteEmbedding
+from ctxsim.export.contract import preprocess_batch
+from ctxsim.export.manifest import check_artifact
+from ctxsim.export.runners import open_runner, resolve_artifact
 
 from ctxsim.deploy.gallery import load_image
 
-__all__ = ["Embedder", "artifact_kind", "resolve_device"]
+__all__ = ["Embedder", "as_embedder", "open_index_model", "resolve_device"]
 
 logger = logging.getLogger(__name__)
 
-ONNX_SUFFIXES = (".onnx",)
-ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
 CONTRACT_KEYS = ("input_size", "resize_size", "mean", "std", "channels", "interpolation")
 
 
@@ -67,27 +71,6 @@ def resolve_device(device: str = "auto") -> str:
     if device != "cpu":
         raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
     return device
-
-
-def artifact_kind(path: str | os.PathLike) -> tuple[str, Path]:
-    """("torch" | "onnx" | "tensorrt", the file or folder to open) for a model artifact path."""
-    p = Path(path).expanduser()
-    if p.is_dir():
-        if (p / "model.json").exists():
-            return "torch", p
-        if (p / "model.onnx").exists():
-            return "onnx", p / "model.onnx"
-        raise ArtifactError(f"{p} is neither a run folder (model.json) nor an export folder (model.onnx); "
-                            "pass a run folder, a .onnx file or a TensorRT .engine")
-    if not p.exists():
-        raise ArtifactError(f"model artifact not found: {p}")
-    if p.suffix.lower() in ONNX_SUFFIXES:
-        return "onnx", p
-    if p.suffix.lower() in ENGINE_SUFFIXES:
-        return "tensorrt", p
-    if p.name == "model.json":
-        return "torch", p.parent
-    raise ArtifactError(f"{p}: unknown model artifact type; pass a run folder, a .onnx file or a .engine file")
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -174,24 +157,9 @@ class _RunnerBackend:
     """ONNX Runtime or TensorRT through ``ctxsim.export``'s runner and preprocessing contract."""
 
     def __init__(self, path: Path, kind: str, device: str) -> None:
-        try:
-            from ctxsim.export.contract import preprocess_batch
-            from ctxsim.export.manifest import check_artifact
-            from ctxsim.export.runners import open_runner
-        except ImportError as e:
-            raise MissingDependency(f"{kind} artifacts need ctxsim.export ({e}); reinstall ctxsim") from None
         check_artifact(path)  # bytes other than the manifest beside it records: refused before they are run
-        kwargs: dict[str, Any] = {}
         try:
-            params = inspect.signature(open_runner).parameters
-        except (TypeError, ValueError):
-            params = {}
-        if "device" in params:
-            kwargs["device"] = device
-        elif "providers" in params and kind == "onnx" and device == "cpu":
-            kwargs["providers"] = ["CPUExecutionProvider"]
-        try:
-            runner = open_runner(path, **kwargs)
+            runner = open_runner(path, device=device)
         except MissingDependency:
             raise
         except ImportError as e:  # the TensorRT runner imports tensorrt / cuda bindings
@@ -205,11 +173,10 @@ class _RunnerBackend:
             raise ArtifactError(f"{path} records no model fingerprint; re-export it with `ctxsim export`")
         dim = self.contract.get("embedding_dim")
         self.dim = int(dim) if dim else None
-        self._preprocess_batch = preprocess_batch
         self.preprocess_spec = Preprocess.from_dict({k: self.contract[k] for k in CONTRACT_KEYS if k in self.contract})
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
-        return self._preprocess_batch(images, self.contract)
+        return preprocess_batch(images, self.contract)
 
     def run(self, batch: Any) -> np.ndarray:
         if isinstance(batch, torch.Tensor):
@@ -221,8 +188,6 @@ class _RunnerBackend:
 def _jpeg_bytes(path: str | os.PathLike) -> torch.Tensor | None:
     """A JPEG file's bytes (checked by Pillow's header parser: decompression-bomb limit, colour mode), or None when
     the file should take the Pillow path (another format, CMYK). DataError when it cannot be read."""
-    from ctxsim.deploy.gallery import image_errors
-
     if not str(path).lower().endswith(JPEG_SUFFIXES):
         return None
     with image_errors(str(path)):
@@ -266,8 +231,8 @@ class Embedder:
     @classmethod
     def from_artifact(cls, path: str | os.PathLike, device: str = "auto", compile: bool | str = False,
                       batch_size: int = 64, precision: str = "fp32", device_decode: bool = False) -> "Embedder":
-        """Open a run folder (PyTorch), a .onnx file / export folder (ONNX Runtime) or a .engine (TensorRT)."""
-        kind, p = artifact_kind(path)
+        """Open a run folder (PyTorch), a .onnx file / export folder (ONNX Runtime) or an engine (TensorRT)."""
+        kind, p = resolve_artifact(path)
         dev = resolve_device(device)
         if kind == "torch":
             backend = _TorchBackend(p, dev, compile, batch_size, precision)
@@ -384,3 +349,39 @@ class Embedder:
 
     def __repr__(self) -> str:
         return f"Embedder(backend={self.backend!r}, fingerprint={self.fingerprint!r}, artifact={str(self.artifact)!r})"
+
+
+# ---------------------------------------------------------------------------------------------- an index's model
+def as_embedder(model: Any, batch_size: int = 64, device_decode: bool = False,
+                opener: Callable[[Any], Any] | None = None) -> Any:
+    """``model`` itself when it is an Embedder (anything with ``.embed`` and ``.fingerprint``), else the Embedder
+    of the artifact path it names: ``opener(model)``, or ``Embedder.from_artifact`` with ``batch_size`` and
+    ``device_decode``."""
+    if hasattr(model, "embed") and hasattr(model, "fingerprint"):
+        if device_decode and not getattr(model, "device_decode", False):
+            raise ConfigError("device_decode is set when the Embedder is opened: "
+                              "Embedder.from_artifact(..., device_decode=True)")
+        return model
+    if model is None:
+        raise ConfigError("no model given; pass a run folder, a .onnx file or a TensorRT engine")
+    if opener is not None:
+        return opener(model)
+    return Embedder.from_artifact(model, batch_size=batch_size, device_decode=device_decode)
+
+
+def open_index_model(info: Any, model: Any = None, batch_size: int = 64, device_decode: bool = False,
+                     opener: Callable[[Any], Any] | None = None) -> Any:
+    """The Embedder that queries (or extends) the index described by ``info`` (an ``IndexInfo``): ``model`` (an
+    Embedder or an artifact path, see :func:`as_embedder`), by default the model index.json names. ConfigError
+    when that model is not here; FingerprintMismatch when the model is not the one that built the index."""
+    from ctxsim.deploy.index import check_fingerprint
+
+    if model is None:
+        ref = info.model
+        if not ref or not Path(ref).exists():
+            raise ConfigError(f"the model that built the index ({ref}) is not available here; pass it with "
+                              "--model (model=...)")
+        model = ref
+    embedder = as_embedder(model, batch_size, device_decode, opener)
+    check_fingerprint(info.fingerprint, embedder.fingerprint)
+    return embedder

@@ -15,18 +15,17 @@ is over the decoding limits of :mod:`ctxsim.data.limits` (refused from its heade
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Sequence
 
 from PIL import Image
 
-from ctxsim.data.datasets import IMG_EXTENSIONS, natural_key, open_image, scan_class_folders
+from ctxsim.data.datasets import IMG_EXTENSIONS, natural_key, scan_class_folders
+from ctxsim.data.images import as_l_or_rgb, image_errors, open_image, read_list_file
 from ctxsim.data.limits import check_image_size
-from ctxsim.errors import DataError, ImageRefused
+from ctxsim.errors import DataError
 
 __all__ = ["GalleryItem", "Gallery", "open_gallery", "load_image", "load_images"]
 
@@ -63,20 +62,6 @@ def _is_image_name(name: str) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMG_EXTENSIONS)
 
 
-def _split_line(line: str) -> list[str]:
-    if "," in line:
-        return [p.strip() for p in line.split(",")]
-    return line.split()
-
-
-def _strip_comment(line: str) -> str:
-    s = line.strip()
-    if s.startswith("#"):
-        return ""
-    m = re.search(r"\s#", s)
-    return s[: m.start()].strip() if m else s
-
-
 def _from_folder(root: Path) -> list[GalleryItem]:
     items = [GalleryItem(str(p), None)
              for p in sorted((p for p in root.iterdir() if p.is_file() and _is_image_name(p.name)),
@@ -88,17 +73,7 @@ def _from_folder(root: Path) -> list[GalleryItem]:
 
 def _from_list_file(path: Path) -> list[GalleryItem]:
     items = []
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise DataError(f"{path} is neither an image folder nor a UTF-8 list file of 'path [label]' lines") from None
-    for n, raw in enumerate(text.splitlines(), 1):
-        line = _strip_comment(raw)
-        if not line:
-            continue
-        parts = _split_line(line)
-        if len(parts) not in (1, 2) or not all(parts):
-            raise DataError(f"{path}:{n}: expected 'path [label]', got {raw.strip()!r}")
+    for _, parts in read_list_file(path, "path [label]", (1, 2)):
         p = Path(parts[0]).expanduser()
         full = p if p.is_absolute() else path.parent / p
         items.append(GalleryItem(str(full), parts[1] if len(parts) == 2 else None))
@@ -147,32 +122,13 @@ def load_image(source: Any) -> Image.Image:
     ImageRefused (a DataError) if over the limits of ``ctxsim.data.limits`` (a PIL image: its aspect ratio only)."""
     if isinstance(source, Image.Image):
         check_image_size(*source.size, check_pixels=False)  # decoded already; its resize is still to come
-        if source.mode in ("L", "RGB"):
-            return source
-        return source.convert("L" if source.mode in ("1", "LA", "I", "I;16", "F") else "RGB")
+        return as_l_or_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         import io
 
         source = io.BytesIO(bytes(source))
     with image_errors(str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"):
         return open_image(source)
-
-
-@contextlib.contextmanager
-def image_errors(name: str) -> Iterator[None]:
-    """Turn whatever reading or decoding image ``name`` raises into a one-line DataError naming it."""
-    try:
-        yield
-    except ImageRefused as e:
-        raise e.named(name) from None
-    except FileNotFoundError:
-        raise DataError(f"image not found: {name}") from None
-    except IsADirectoryError:
-        raise DataError(f"not an image file (a folder): {name}") from None
-    except Image.DecompressionBombError as e:
-        raise DataError(f"image too large (decompression-bomb limit): {name}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - any decode failure is a data problem
-        raise DataError(f"cannot read image {name}: {type(e).__name__}: {e}") from None
 
 
 def load_images(sources: Iterable[Any]) -> tuple[list[Image.Image], list[int], list[tuple[str, str]]]:

@@ -45,6 +45,7 @@ import numpy as np
 from ctxsim.errors import (ArtifactError, ConfigError, DataError, FingerprintMismatch, MissingDependency,
                            NonFiniteEmbedding)
 from ctxsim.io import atomic_path, atomic_write_json, read_json, sha256_file
+from ctxsim.schema import check_fields
 
 __all__ = ["INDEX_TYPES", "Item", "IndexInfo", "Index", "build_index", "add_to_index", "load_index",
            "read_index_info", "default_params", "embed_gallery", "check_fingerprint"]
@@ -78,14 +79,14 @@ class IndexInfo:
     fingerprint: str
     dim: int
     count: int
-    params: dict = field(default_factory=dict)
+    params: dict[str, Any] = field(default_factory=dict)
     metric: str = "ip"
     ctxsim_version: str = ""
     created: str = ""
     updated: str = ""
     generation: int = 0
-    files: dict = field(default_factory=dict)
-    sha256: dict = field(default_factory=dict)
+    files: dict[str, str] = field(default_factory=dict)
+    sha256: dict[str, str] = field(default_factory=dict)
     model: str | None = None
     backend: str | None = None
     format_version: int = FORMAT_VERSION
@@ -104,13 +105,31 @@ class IndexInfo:
         return d
 
     @classmethod
-    def from_json(cls, folder: Path, d: dict) -> "IndexInfo":
-        try:
-            kw = {k: d[k] for k in ("index_type", "fingerprint", "dim", "count")}
-        except KeyError as e:
-            raise ArtifactError(f"{folder / META} lacks {e.args[0]!r}; rebuild the index") from None
-        kw.update({k: d[k] for k in cls._SAVED if k in d and k not in kw})
-        return cls(path=str(folder), **kw)
+    def from_json(cls, folder: Path, d: Any) -> "IndexInfo":
+        """Check ``d`` (index.json's content) field by field: ArtifactError (one line) naming the first problem."""
+        where, hint = str(folder / META), "rebuild the index"
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{where} is not an index description; {hint}")
+        for key in ("index_type", "fingerprint", "dim", "count", "files"):
+            if key not in d:
+                raise ArtifactError(f"{where} lacks {key!r}; {hint}")
+        kw = check_fields(cls, {k: d[k] for k in cls._SAVED if k in d}, error=ArtifactError, where=where, hint=hint)
+        info = cls(path=str(folder), **kw)
+        for name, value, minimum in (("dim", info.dim, 1), ("count", info.count, 0),
+                                     ("generation", info.generation, 0)):
+            if value < minimum:
+                raise ArtifactError(f"{where}: {name} must be >= {minimum}, got {value}; {hint}")
+        needed = ("items", "embeddings") if info.index_type == "torch" else ("items", "index")
+        for role in needed:
+            if role not in info.files:
+                raise ArtifactError(f"{where} names no {role} file; {hint}")
+        for role, name in info.files.items():
+            if Path(name).name != name or name in (".", ".."):
+                raise ArtifactError(f"{where}: the {role} file {name!r} is not a file name in the folder; {hint}")
+            if not re.fullmatch(r"[0-9a-f]{64}", info.sha256.get(role, "")):
+                raise ArtifactError(f"{where} records no sha256 for the {role} file (it could not be verified); "
+                                    f"{hint}")
+        return info
 
 
 def _now() -> str:
@@ -412,19 +431,6 @@ def embed_gallery(embedder: Any, gallery: Any, progress: Callable[[int, int], No
     return np.concatenate(embs).astype(np.float32, copy=False), kept, bad
 
 
-def _open_embedder(model: Any, batch_size: int = 64, device_decode: bool = False) -> Any:
-    from ctxsim.deploy.embedder import Embedder
-
-    if isinstance(model, Embedder) or (hasattr(model, "embed") and hasattr(model, "fingerprint")):
-        if device_decode and not getattr(model, "device_decode", False):
-            raise ConfigError("device_decode is set when the Embedder is opened: "
-                              "Embedder.from_artifact(..., device_decode=True)")
-        return model
-    if model is None:
-        raise ConfigError("no model given; pass a run folder, a .onnx file or a .engine file")
-    return Embedder.from_artifact(model, batch_size=batch_size, device_decode=device_decode)
-
-
 def _model_ref(model: Any) -> str | None:
     art = getattr(model, "artifact", model)
     try:
@@ -455,22 +461,27 @@ def read_index_info(index_dir: str | os.PathLike) -> IndexInfo:
     folder = Path(index_dir)
     if not (folder / META).exists():
         raise ArtifactError(f"{folder} is not an index folder (no {META}); build one with `ctxsim index build`")
-    d = read_json(folder / META)
-    if not isinstance(d, dict):
-        raise ArtifactError(f"{folder / META} is not an index description; rebuild the index")
-    if int(d.get("format_version", 1)) > FORMAT_VERSION:
-        raise ArtifactError(f"{folder} was written by a newer ctxsim (index format {d['format_version']}); "
+    info = IndexInfo.from_json(folder, read_json(folder / META))
+    if info.format_version > FORMAT_VERSION:
+        raise ArtifactError(f"{folder} was written by a newer ctxsim (index format {info.format_version}); "
                             "upgrade ctxsim")
-    if d.get("metric", "ip") != "ip":
-        raise ArtifactError(f"{folder} uses metric {d.get('metric')!r}; ctxsim indexes use inner product ('ip')")
-    return IndexInfo.from_json(folder, d)
+    if info.metric != "ip":
+        raise ArtifactError(f"{folder} uses metric {info.metric!r}; ctxsim indexes use inner product ('ip')")
+    return info
+
+
+def check_files_present(info: IndexInfo) -> None:
+    """ArtifactError (one line) when a file that index.json names is missing (no hashing: see ``_verify``)."""
+    folder = Path(info.path)
+    for role, name in info.files.items():
+        if not (folder / name).is_file():
+            raise ArtifactError(f"{folder / name} ({role}) named by {META} is missing; restore it or rebuild the index")
 
 
 def _verify(folder: Path, info: IndexInfo) -> None:
+    check_files_present(info)
     for role, name in info.files.items():
         p = folder / name
-        if not p.exists():
-            raise ArtifactError(f"{p} ({role}) named by {META} is missing; restore it or rebuild the index")
         want = info.sha256.get(role)
         if want and sha256_file(p) != want:
             raise ArtifactError(f"{p} ({role}) does not match the sha256 in {META} (damaged or replaced); "
@@ -505,8 +516,12 @@ def load_index(index_dir: str | os.PathLike, verify: bool = True, gpu: bool = Fa
     if len(items) != info.count:
         raise ArtifactError(f"{folder}: {len(items)} items but {META} says {info.count}; rebuild the index")
     emb_path = folder / info.files["embeddings"] if "embeddings" in info.files else None
+    _check_search_params(folder, info)
     if info.index_type == "torch":
         emb = np.load(emb_path, allow_pickle=False)
+        if emb.ndim != 2 or emb.shape[1] != info.dim:
+            raise ArtifactError(f"{emb_path} holds embeddings of shape {emb.shape}, not [{info.count}, {info.dim}] "
+                                f"as {META} says; rebuild the index")
         backend: Any = _TorchExact(emb, device)
         idx = Index(info, items, backend, emb, emb_path)
     else:
@@ -515,6 +530,11 @@ def load_index(index_dir: str | os.PathLike, verify: bool = True, gpu: bool = Fa
             backend = faiss.read_index(str(folder / info.files["index"]))
         except Exception as e:  # noqa: BLE001
             raise ArtifactError(f"cannot read {folder / info.files['index']} ({e}); rebuild the index") from None
+        kind = _FAISS_KINDS.get(type(backend).__name__)
+        if kind != info.index_type or backend.d != info.dim:
+            raise ArtifactError(f"{folder / info.files['index']} holds a {kind or type(backend).__name__} index of "
+                                f"dimension {backend.d}, not {info.index_type} of dimension {info.dim} as {META} "
+                                "says; rebuild the index")
         if _want_gpu(gpu, info.index_type):
             backend = faiss.index_cpu_to_gpu(faiss.StandardGpuResources(), 0, backend)
         _apply_search_params(backend, info.index_type, info.params)
@@ -525,6 +545,19 @@ def load_index(index_dir: str | os.PathLike, verify: bool = True, gpu: bool = Fa
         raise ArtifactError(f"{folder}: the index holds {idx.backend.ntotal} vectors but {META} says {info.count}; "
                             "rebuild the index")
     return idx
+
+
+# what faiss.read_index returns for each index type ctxsim builds
+_FAISS_KINDS = {"IndexFlatIP": "flat", "IndexHNSWFlat": "hnsw", "IndexIVFFlat": "ivf", "IndexIVFPQ": "ivfpq"}
+_SEARCH_PARAMS = {"ivf": ("nprobe",), "ivfpq": ("nprobe",), "hnsw": ("efSearch",)}
+
+
+def _check_search_params(folder: Path, info: IndexInfo) -> None:
+    for key in _SEARCH_PARAMS.get(info.index_type, ()):
+        value = info.params.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ArtifactError(f"{folder / META}: params.{key} must be an integer >= 1, got {value!r}; "
+                                "rebuild the index")
 
 
 def _write_items(path: Path, items: Sequence[Item]) -> None:
@@ -578,6 +611,8 @@ def build_index(gallery: Any, model_artifact: Any, out_dir: str | os.PathLike, i
     An existing index in ``out_dir`` is replaced atomically (``overwrite=False`` refuses instead).
     Returns the IndexInfo, with ``skipped`` = [(path, reason)] of the unreadable images.
     """
+    from ctxsim.deploy.embedder import as_embedder
+
     if index_type not in INDEX_TYPES:
         raise ConfigError(f"unknown index type {index_type!r}; use one of {', '.join(INDEX_TYPES)}")
     folder = Path(out_dir)
@@ -586,7 +621,7 @@ def build_index(gallery: Any, model_artifact: Any, out_dir: str | os.PathLike, i
     if (folder / META).exists() and not overwrite:
         raise ConfigError(f"{folder} already holds an index; use `index add` to extend it or allow overwriting")
     gpu = _want_gpu(gpu, index_type)
-    embedder = _open_embedder(model_artifact, batch_size, device_decode)
+    embedder = as_embedder(model_artifact, batch_size, device_decode)
     emb, kept, bad = embed_gallery(embedder, gallery, progress)
     n, d = emb.shape
     p = _check_params(index_type, params or {}, n, d)
@@ -615,16 +650,13 @@ def add_to_index(index_dir: str | os.PathLike, images: Any, model_artifact: Any 
     The model defaults to the one recorded in index.json; another model is refused (FingerprintMismatch).
     IVF/PQ keep the centroids trained at build time: rebuild when the gallery has grown several times over.
     """
+    from ctxsim.deploy.embedder import open_index_model
+
     folder = Path(index_dir)
     with _writer_lock(folder):
         idx = load_index(folder)
         info = idx.info
-        if model_artifact is None:
-            if not info.model or not Path(info.model).exists():
-                raise ConfigError(f"the model that built {folder} ({info.model}) is not available; pass --model")
-            model_artifact = info.model
-        embedder = _open_embedder(model_artifact, batch_size, device_decode)
-        check_fingerprint(info.fingerprint, embedder.fingerprint)
+        embedder = open_index_model(info, model_artifact, batch_size, device_decode)
         emb_new, kept, bad = embed_gallery(embedder, images, progress)
         if emb_new.shape[1] != info.dim:
             raise ArtifactError(f"the model gives {emb_new.shape[1]}-d embeddings but {folder} holds {info.dim}-d")

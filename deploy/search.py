@@ -9,15 +9,15 @@ results as a PNG.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 from PIL import Image
 
-from ctxsim.errors import ConfigError, DataError
+from ctxsim.errors import DataError
 from ctxsim.grid import GRID_BORDER, GRID_CAPTION, Neighbor, QueryResult, grid_size, write_grid
 
+from ctxsim.deploy.embedder import open_index_model
 from ctxsim.deploy.gallery import GalleryItem, load_image, load_images, open_gallery
 from ctxsim.deploy.index import Index, load_index
 
@@ -27,20 +27,6 @@ __all__ = ["Neighbor", "QueryResult", "search", "search_embeddings", "check_reca
 
 def _as_index(index: str | os.PathLike | Index) -> Index:
     return index if isinstance(index, Index) else load_index(index)
-
-
-def _open_model(index: Index, model: Any, batch_size: int) -> Any:
-    from ctxsim.deploy.embedder import Embedder
-
-    if model is None:
-        ref = index.info.model
-        if not ref or not Path(ref).exists():
-            raise ConfigError(f"the model that built the index ({ref}) is not available; pass model=... (--model)")
-        model = ref
-    emb = model if hasattr(model, "embed") and hasattr(model, "fingerprint") else \
-        Embedder.from_artifact(model, batch_size=batch_size)
-    index.check_model(emb.fingerprint)
-    return emb
 
 
 def _queries(images: Any) -> tuple[list[Any], list[str], list[str | None]]:
@@ -84,7 +70,7 @@ def search(index_dir: str | os.PathLike | Index, images: Any, k: int = 10, model
     An unreadable query raises DataError, or is left out with ``skip_unreadable=True``.
     """
     index = _as_index(index_dir)
-    embedder = _open_model(index, model, batch_size)
+    embedder = open_index_model(index.info, model, batch_size)
     srcs, names, labels = _queries(images)
     if not srcs:
         raise DataError("no query images given")

@@ -339,11 +339,13 @@ class IndexWatcher:
         return True
 
     def _open_model_of(self, index: Any) -> Any:
+        from ctxsim.deploy.embedder import open_index_model
+
+        return open_index_model(index.info, opener=self._open_passed)
+
+    def _open_passed(self, model: Any) -> Any:
         from ctxsim.export.parity import recorded_verdict
 
-        model = index.info.model
-        if not model or not os.path.exists(model):
-            raise ConfigError(f"the model that built it ({model}) is not available here")
         passed, failures = recorded_verdict(model)
         if passed is False:  # an automatic swap must not bring in an artifact its own parity check failed
             raise ConfigError(f"{Path(model).name} failed its parity check ({'; '.join(failures[:2])})")
@@ -496,7 +498,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
 
     from ctxsim import __version__
     from ctxsim.data.limits import image_limits
-    from ctxsim.deploy.embedder import Embedder
+    from ctxsim.deploy.embedder import Embedder, open_index_model
     from ctxsim.deploy.index import Index, load_index
     from ctxsim.deploy.metrics import MetricsMiddleware, ServeMetrics
 
@@ -508,10 +510,6 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     if reload_every_s < 0:
         raise ConfigError(f"reload_every_s must be >= 0 (0: never reload), got {reload_every_s}")
     index = index_dir if isinstance(index_dir, Index) else load_index(index_dir)
-    if model is None:
-        if not index.info.model or not os.path.exists(index.info.model):
-            raise ConfigError(f"the model that built the index ({index.info.model}) is not available; pass --model")
-        model = index.info.model
 
     def open_model(path: Any) -> Any:  # at start-up, and in the watcher's thread for a followed model
         new = Embedder.from_artifact(path, device=device, batch_size=max(64, max_batch), precision=precision,
@@ -522,8 +520,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
             new.warm_up()
         return new
 
-    embedder = model if hasattr(model, "embed") and hasattr(model, "fingerprint") else open_model(model)
-    index.check_model(embedder.fingerprint)
+    embedder = open_index_model(index.info, model, opener=open_model)
     from ctxsim.export.parity import recorded_verdict
 
     passed, failures = recorded_verdict(getattr(embedder, "artifact", "") or "")

@@ -21,12 +21,12 @@ from ctxsim.verify import FAIL, NONE, OK, Check, VerifyReport, verify_run
 
 __all__ = ["verify", "verify_index", "folder_kind"]
 
-_MODEL_SUFFIXES = (".onnx", ".engine", ".plan")
-
 
 def folder_kind(path: str | os.PathLike) -> tuple[str, Path]:
     """("run" | "export" | "index", the folder) for ``path`` (a folder, or a file in one: model.json,
     manifest.json, index.json, a .onnx/.engine); ArtifactError when it is none of these."""
+    from ctxsim.export.runners import suffix_kind
+
     p = Path(path).expanduser()
     if not p.exists():
         raise ArtifactError(f"{p} not found; pass a run folder, an export folder or an index folder")
@@ -34,7 +34,7 @@ def folder_kind(path: str | os.PathLike) -> tuple[str, Path]:
         by_name = {"index.json": "index", "model.json": "run", "manifest.json": "export", "parity.json": "export"}
         if p.name in by_name:
             return by_name[p.name], p.parent
-        if p.suffix in _MODEL_SUFFIXES:
+        if suffix_kind(p):
             return "export", p.parent
         raise ArtifactError(f"{p} is a file of no ctxsim folder; pass a run folder, an export folder or an index "
                             "folder")
@@ -42,7 +42,7 @@ def folder_kind(path: str | os.PathLike) -> tuple[str, Path]:
         return "index", p
     if (p / "model.json").is_file():
         return "run", p
-    if (p / "manifest.json").is_file() or any(c.suffix in _MODEL_SUFFIXES for c in p.iterdir() if c.is_file()):
+    if (p / "manifest.json").is_file() or any(suffix_kind(c) for c in p.iterdir() if c.is_file()):
         return "export", p
     raise ArtifactError(f"{p} is not a run, export or index folder (no model.json, manifest.json, model.onnx or "
                         "index.json)")
@@ -124,7 +124,7 @@ def _contents(folder: Path, info, name, load_index) -> list[Check]:
 
 def _model_checks(info) -> list[Check]:
     """The model index.json names: present, its own bytes bound, and the model the index was built with."""
-    from ctxsim.deploy.embedder import artifact_kind
+    from ctxsim.export.runners import resolve_artifact
 
     ref = info.model
     item = f"model {ref}"
@@ -133,7 +133,7 @@ def _model_checks(info) -> list[Check]:
     if not Path(ref).exists():
         return [Check(item, "present", FAIL, "the model the index names is not here")]
     try:
-        kind, p = artifact_kind(ref)
+        kind, p = resolve_artifact(ref)
     except CtxsimError as e:
         return [Check(item, "a model artifact", FAIL, str(e))]
     item = str(p)

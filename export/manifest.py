@@ -9,20 +9,54 @@ from __future__ import annotations
 
 import datetime as _dt
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, TypedDict
 
 from ctxsim.errors import ArtifactError
 from ctxsim.io import atomic_write_json, read_json, sha256_file
+from ctxsim.schema import check
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
 
+class _EntryKeys(TypedDict):
+    sha256: str
+
+
+class ArtifactEntry(_EntryKeys, total=False):
+    """One artifact of ``manifest.json``'s ``artifacts`` (what readers check; other keys are kept as they are)."""
+
+    bytes: int
+    kind: str
+    precision: str | None
+    fingerprint: str | None
+    input_format: str | None
+    sidecar: str
+    sidecar_sha256: str
+    onnx_sha256: str | None
+
+
+class _ManifestKeys(TypedDict):
+    fingerprint: str
+    artifacts: dict[str, ArtifactEntry]
+
+
+class Manifest(_ManifestKeys, total=False):
+    """``manifest.json`` as readers check it (types of the keys they use; other keys are kept as they are)."""
+
+    manifest_version: int
+    ctxsim_version: str
+    embedding_dim: int | None
+    contract: dict[str, Any]
+    parity: dict[str, dict[str, Any]]
+    triton: str | None
+
+
 def _artifact_entry(path: Path) -> dict[str, Any]:
-    from ctxsim.export.runners import ENGINE_SUFFIXES, artifact_contract
+    from ctxsim.export.runners import artifact_contract, suffix_kind
 
     entry: dict[str, Any] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-    if path.suffix in ENGINE_SUFFIXES:
+    if suffix_kind(path) == "tensorrt":
         from ctxsim.export.tensorrt import read_sidecar, sidecar_path
 
         sidecar = read_sidecar(path)
@@ -96,10 +130,16 @@ def _relative(path: str | Path | None, base: Path) -> str | None:
 
 
 def read_manifest(out_dir: str | Path) -> dict[str, Any]:
+    """``out_dir/manifest.json``, its types checked: ArtifactError (one line) naming the first problem."""
     path = Path(out_dir) / MANIFEST
     if not path.is_file():
         raise ArtifactError(f"{out_dir} has no {MANIFEST}; export a run there with `ctxsim export`")
-    return read_json(path)
+    manifest = check(read_json(path), Manifest, "manifest", error=ArtifactError, where=str(path),
+                     hint="re-export the folder with `ctxsim export`")
+    if manifest.get("manifest_version", 1) > MANIFEST_VERSION:
+        raise ArtifactError(f"{path} was written by a newer ctxsim (manifest version "
+                            f"{manifest['manifest_version']}); upgrade ctxsim")
+    return manifest
 
 
 def verify_manifest(out_dir: str | Path) -> list[str]:

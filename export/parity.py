@@ -31,7 +31,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ctxsim.errors import ArtifactError, ConfigError, FingerprintMismatch
+from ctxsim.errors import ArtifactError, ConfigError, FingerprintMismatch, ParityFailed
 from ctxsim.io import atomic_write_json, sha256_file
 
 log = logging.getLogger(__name__)
@@ -492,9 +492,16 @@ def recorded_verdict(artifact: str | Path) -> tuple[bool | None, list[str]]:
     return entry["passed"], [str(f) for f in entry.get("failures", [])]
 
 
+def raise_if_failed(reports: Mapping[str, ParityReport]) -> None:
+    """ParityFailed, one line naming every failed check of ``reports`` (artifact name -> report), unless all
+    passed."""
+    failed = [f"{name} ({r.precision}): " + "; ".join(r.failures) for name, r in reports.items() if r.failures]
+    if failed:
+        raise ParityFailed("parity failed for " + "; and for ".join(failed))
+
+
 def assert_parity(run_dir: str | Path, artifact: str | Path | Any, **kwargs: Any) -> ParityReport:
-    """:func:`check_parity` that raises AssertionError listing the failures (for pytest)."""
+    """:func:`check_parity` that raises ParityFailed (an AssertionError too, for pytest) listing the failures."""
     report = check_parity(run_dir, artifact, **kwargs)
-    if not report.passed:
-        raise AssertionError(f"parity failed for {report.artifact} ({report.precision}): " + "; ".join(report.failures))
+    raise_if_failed({report.artifact: report})
     return report

@@ -57,7 +57,7 @@ def calibration_batches(folder: str | Path, contract: Mapping[str, Any], batch_s
                         limit: int | None = 512) -> Iterator[np.ndarray]:
     """Full batches of real images from ``folder`` through ``preprocess_batch`` (a short last batch is dropped,
     so every calibration batch has the same shape)."""
-    from ctxsim.data.datasets import open_image
+    from ctxsim.data.images import open_image
     from ctxsim.export.contract import preprocess_batch
 
     files = list_images(folder, limit)

@@ -1,4 +1,5 @@
-"""Runners for exported artifacts: ``open_runner(path)`` -> an ONNX Runtime session or a TensorRT engine runner.
+"""Runners for exported artifacts: ``open_runner(path)`` -> an ONNX Runtime session or a TensorRT engine runner;
+``resolve_artifact(path)``, the one place a model path becomes a kind (run folder, ONNX file, TensorRT engine).
 
 Every runner has ``.run(batch: np.ndarray) -> np.ndarray [N, D] float32``, ``.contract`` (the preprocessing
 contract dict, see ``ctxsim.export.contract``) and ``.name`` (e.g. ``"onnxruntime:CPUExecutionProvider"``,
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 
 #: ONNX Runtime execution providers in order of preference (those not installed are skipped)
 PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
-ENGINE_SUFFIXES = (".engine", ".plan")
+ONNX_SUFFIXES = (".onnx",)
+ENGINE_SUFFIXES = (".engine", ".plan", ".trt")
+#: what runs each kind of artifact: a run folder (PyTorch), an ONNX file, a TensorRT engine
+ARTIFACT_KINDS = ("torch", "onnx", "tensorrt")
 
 
 class Runner(Protocol):
@@ -122,32 +126,65 @@ class OnnxRunner:
         return f"OnnxRunner({str(self.path)!r}, {self.name})"
 
 
-def open_runner(path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None) -> Runner:
-    """An artifact's runner: ``.onnx`` -> :class:`OnnxRunner`; ``.engine``/``.plan`` -> ``TensorRTRunner``;
-    an export folder -> its ``model.onnx``."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / "model.onnx").is_file():
-            path = path / "model.onnx"
-        else:
-            raise ArtifactError(f"{path} holds no model.onnx; export a run there with `ctxsim export`")
-    if not path.exists():
-        raise ArtifactError(f"{path} not found")
-    if path.suffix == ".onnx":
-        return OnnxRunner(path, providers)
-    if path.suffix in ENGINE_SUFFIXES:
-        if providers:
-            raise ConfigError("providers apply to ONNX models only, not to TensorRT engines")
-        from ctxsim.export.tensorrt import TensorRTRunner
+def suffix_kind(path: str | Path) -> str | None:
+    """"onnx" or "tensorrt" by the file name's suffix (any case), else None."""
+    suffix = Path(path).suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return "onnx"
+    if suffix in ENGINE_SUFFIXES:
+        return "tensorrt"
+    return None
 
-        return TensorRTRunner(path)
-    raise ArtifactError(f"{path} is not an artifact ctxsim can run (expected .onnx, .engine or .plan)")
+
+def resolve_artifact(path: str | Path) -> tuple[str, Path]:
+    """(kind, the path to open) for a model artifact, kind one of :data:`ARTIFACT_KINDS`: a run folder (or its
+    model.json) -> "torch"; an export folder -> "onnx" and its model.onnx; a ``.onnx`` file -> "onnx"; a
+    ``.engine`` / ``.plan`` / ``.trt`` file -> "tensorrt". ArtifactError for a missing path or anything else."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        if (p / "model.json").exists():
+            return "torch", p
+        if (p / "model.onnx").exists():
+            return "onnx", p / "model.onnx"
+        raise ArtifactError(f"{p} is neither a run folder (model.json) nor an export folder (it holds no "
+                            "model.onnx); export a run there with `ctxsim export`, or pass a .onnx or engine file")
+    if not p.exists():
+        raise ArtifactError(f"model artifact not found: {p}")
+    kind = suffix_kind(p)
+    if kind is not None:
+        return kind, p
+    if p.name == "model.json":
+        return "torch", p.parent
+    raise ArtifactError(f"{p} is not a model artifact ctxsim can run (expected .onnx, .engine, .plan or .trt, or a "
+                        "run folder)")
+
+
+def open_runner(path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None,
+                device: str | None = None) -> Runner:
+    """An exported artifact's runner (see :func:`resolve_artifact`): ONNX -> :class:`OnnxRunner`, TensorRT engine
+    -> ``TensorRTRunner``. ``providers`` (ONNX only) are ONNX Runtime's; else ``device="cpu"`` keeps an ONNX model
+    on the CPU provider and any other device takes :func:`default_providers`. A TensorRT engine runs on the current
+    CUDA device."""
+    kind, path = resolve_artifact(path)
+    if kind == "torch":  # a run folder runs in PyTorch; one exported into itself holds a model.onnx too
+        if not (path / "model.onnx").is_file():
+            raise ArtifactError(f"{path} is a run folder, not an exported artifact; export it with `ctxsim export`")
+        kind, path = "onnx", path / "model.onnx"
+    if kind == "onnx":
+        if not providers and device == "cpu":
+            providers = ["CPUExecutionProvider"]
+        return OnnxRunner(path, providers)
+    if providers:
+        raise ConfigError("providers apply to ONNX models only, not to TensorRT engines")
+    from ctxsim.export.tensorrt import TensorRTRunner
+
+    return TensorRTRunner(path)
 
 
 def artifact_contract(path: str | Path) -> dict[str, Any]:
     """An artifact's contract without opening a session: ONNX metadata, or an engine's sidecar JSON."""
     path = Path(path)
-    if path.suffix in ENGINE_SUFFIXES:
+    if suffix_kind(path) == "tensorrt":
         from ctxsim.export.tensorrt import read_sidecar
 
         return read_sidecar(path)["contract"]

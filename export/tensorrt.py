@@ -27,13 +27,14 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, TypedDict
 
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
 from ctxsim.export.contract import check_batch
 from ctxsim.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from ctxsim.schema import check
 
 if TYPE_CHECKING:  # annotations only: tensorrt is imported inside the functions that run it
     import tensorrt as trt
@@ -99,6 +100,25 @@ def current_device() -> dict[str, str]:
             "tensorrt_version": version}
 
 
+class _SidecarKeys(TypedDict):
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+    precision: str
+    profile: dict[str, list[int]]
+    contract: dict[str, Any]
+
+
+class EngineSidecar(_SidecarKeys, total=False):
+    """An engine's sidecar JSON (:func:`engine_sidecar`) as readers check it; other keys are kept as they are."""
+
+    tensorrt_major: int
+    onnx_name: str | None
+    onnx_sha256: str
+    fingerprint: str
+    engine_sha256: str
+
+
 def sidecar_path(engine_path: str | Path) -> Path:
     engine_path = Path(engine_path)
     return engine_path.with_name(engine_path.name + ".json")
@@ -109,11 +129,8 @@ def read_sidecar(engine_path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise ArtifactError(f"{Path(engine_path).name} has no sidecar {path.name}; rebuild the engine with "
                             "`ctxsim export --trt` (the sidecar records the device and contract)")
-    sidecar = read_json(path)
-    for key in ("tensorrt_version", "gpu_name", "compute_capability", "precision", "profile", "contract"):
-        if key not in sidecar:
-            raise ArtifactError(f"{path} lacks {key!r}; rebuild the engine with `ctxsim export --trt`")
-    return sidecar
+    return check(read_json(path), EngineSidecar, "sidecar", error=ArtifactError, where=str(path),
+                 hint="rebuild the engine with `ctxsim export --trt`")
 
 
 def _trt_version_key(version: str) -> tuple[str, ...]:

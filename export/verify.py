@@ -12,8 +12,8 @@ from ctxsim.verify import FAIL, NONE, OK, Check
 
 from ctxsim.export.manifest import MANIFEST, read_manifest
 from ctxsim.export.parity import PARITY_FILE, parity_record
+from ctxsim.export.runners import suffix_kind
 
-MODEL_SUFFIXES = (".onnx", ".engine", ".plan")
 
 
 def _contract_fingerprint(path: Path) -> tuple[str | None, str]:
@@ -37,7 +37,7 @@ def verify_export(folder: str | Path, label: str | None = None) -> list[Check]:
         return f"{at}/{rel}" if at else rel
 
     if not (folder / MANIFEST).is_file():
-        files = sorted(p.name for p in folder.iterdir() if p.suffix in MODEL_SUFFIXES) if folder.is_dir() else []
+        files = sorted(p.name for p in folder.iterdir() if suffix_kind(p) is not None) if folder.is_dir() else []
         return [Check(name(MANIFEST), "present", FAIL,
                       f"missing: {', '.join(files) or 'nothing'} bound to no model (an interrupted or partial export; "
                       "re-export with `ctxsim export`)")]
@@ -83,7 +83,7 @@ def verify_export(folder: str | Path, label: str | None = None) -> list[Check]:
 
     listed = {Path(rel).name for rel in entries if not Path(rel).is_absolute()}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix in MODEL_SUFFIXES and not p.name.startswith(".") and p.name not in listed:
+        if p.is_file() and suffix_kind(p) is not None and not p.name.startswith(".") and p.name not in listed:
             art_fp, _ = _contract_fingerprint(p)
             checks.append(Check(name(p.name), f"listed in {MANIFEST}", FAIL,
                                 f"not bound by {MANIFEST} (model {art_fp}); remove it or re-export"))

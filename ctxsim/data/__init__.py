@@ -9,10 +9,10 @@ from ctxsim.data.datasets import (
     Record,
     class_disjoint_split,
     natural_key,
-    open_image,
     subset,
     super_class_disjoint_split,
 )
+from ctxsim.data.images import open_image
 from ctxsim.data.digits import DigitsDataset, digits
 from ctxsim.data.layouts import (
     KNOWN_DATASETS,

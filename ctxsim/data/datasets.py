@@ -35,8 +35,8 @@ import numpy as np
 import torch.utils.data
 from PIL import Image
 
-from ctxsim.data.limits import check_image_size
-from ctxsim.errors import ConfigError, DataError, ImageRefused
+from ctxsim.data.images import image_errors, open_image, read_list_file
+from ctxsim.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -45,29 +45,11 @@ IMG_EXTENSIONS: tuple[str, ...] = (
 )
 ON_ERROR = ("raise", "skip")
 
-_TO_L = {"1", "L", "LA", "La", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
-
 
 def natural_key(s: str) -> tuple:
     """Sort key that orders embedded numbers numerically ("char2" < "char10"); ties broken by the raw string."""
     parts = re.split(r"(\d+)", s)
     return tuple(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), s
-
-
-def open_image(fp: Any) -> Image.Image:
-    """Open and fully decode an image from a path or file object; return it as "L" (greyscale) or "RGB".
-
-    Greyscale-like modes (1, LA, I, I;16, F) become "L", everything else that is not "L"/"RGB" becomes "RGB".
-    The size is checked from the header before decoding (``ctxsim.data.limits.check_image_size``: ImageRefused or
-    ImageTooLarge). Otherwise raises whatever Pillow raises; :meth:`ImageDataset.load_image` turns that into a
-    DataError.
-    """
-    with Image.open(fp) as im:
-        check_image_size(*im.size, name=str(fp) if isinstance(fp, (str, os.PathLike)) else None)
-        im.load()
-        if im.mode in ("L", "RGB"):
-            return im.copy()
-        return im.convert("L" if im.mode in _TO_L else "RGB")
 
 
 @dataclass(frozen=True)
@@ -209,21 +191,8 @@ class ImageDataset(torch.utils.data.Dataset):
 
     def load_image(self, i: int) -> Image.Image:
         """The i-th image as a PIL image ("RGB" or "L", as stored); DataError naming the path if unreadable."""
-        try:
+        with image_errors(self.paths[i], hint="check the dataset root or the file, or use on_error='skip'"):
             return self._load_source(self._sources[i])
-        except ImageRefused as e:
-            raise e.named(self.paths[i]) from None
-        except DataError:
-            raise
-        except FileNotFoundError as e:
-            raise DataError(f"image not found: {self.paths[i]} (check the dataset root)") from e
-        except Image.DecompressionBombError as e:
-            raise DataError(f"image too large (decompression-bomb limit): {self.paths[i]}: {e}") from e
-        except Exception as e:  # noqa: BLE001 - any decode failure is a data problem, chained for debugging
-            raise DataError(
-                f"cannot read image {self.paths[i]}: {type(e).__name__}: {e}; "
-                "fix or remove the file, or use on_error='skip'"
-            ) from e
 
     def _replacement(self, i: int, err: DataError) -> tuple[Image.Image, int]:
         self._mark_bad(i, err)
@@ -317,21 +286,6 @@ class ImageFolderDataset(ImageDataset):
         super().__init__(records, transform=transform, on_error=on_error)
 
 
-def _split_line(line: str) -> list[str]:
-    if "," in line:
-        return [p.strip() for p in line.split(",")]
-    return line.split()
-
-
-def _strip_comment(line: str) -> str:
-    """Drop a '#' comment: a whole line starting with '#', or from a '#' preceded by whitespace."""
-    s = line.strip()
-    if s.startswith("#"):
-        return ""
-    m = re.search(r"\s#", s)
-    return s[: m.start()].strip() if m else s
-
-
 class ListFileDataset(ImageDataset):
     """Items from a list file: one ``path label [super_label]`` per line, comma- or whitespace-separated.
 
@@ -351,23 +305,12 @@ class ListFileDataset(ImageDataset):
         on_error: str = "raise",
     ) -> None:
         self.list_file = Path(list_file)
-        if not self.list_file.is_file():
-            raise DataError(f"list file not found: {self.list_file}")
         self.root = Path(root) if root is not None else self.list_file.parent
         records = []
-        with open(self.list_file, encoding="utf-8") as f:
-            for n, raw in enumerate(f, 1):
-                line = _strip_comment(raw)
-                if not line:
-                    continue
-                parts = _split_line(line)
-                if len(parts) not in (2, 3) or not all(parts):
-                    raise DataError(
-                        f"{self.list_file}:{n}: expected 'path label [super_label]', got {raw.strip()!r}"
-                    )
-                p = Path(parts[0])
-                full = p if p.is_absolute() else self.root / p
-                records.append(Record(str(full), parts[1], parts[2] if len(parts) == 3 else None))
+        for _, parts in read_list_file(self.list_file, "path label [super_label]", (2, 3)):
+            p = Path(parts[0])
+            full = p if p.is_absolute() else self.root / p
+            records.append(Record(str(full), parts[1], parts[2] if len(parts) == 3 else None))
         if not records:
             raise DataError(f"list file {self.list_file} has no items")
         super().__init__(records, transform=transform, on_error=on_error)

@@ -37,11 +37,10 @@ from ctxsim.data.datasets import (
     ImageFolderDataset,
     ListFileDataset,
     Record,
-    _split_line,
-    _strip_comment,
     natural_key,
     scan_class_folders,
 )
+from ctxsim.data.images import split_line, strip_comment
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ def _read_lines(path: Path) -> list[tuple[int, str]]:
     if not path.is_file():
         raise DataError(f"annotation file not found: {path}")
     with open(path, encoding="utf-8") as f:
-        return [(n, s) for n, raw in enumerate(f, 1) if (s := _strip_comment(raw))]
+        return [(n, s) for n, raw in enumerate(f, 1) if (s := strip_comment(raw))]
 
 
 def _int_field(value: str, where: str) -> int:
@@ -303,7 +302,7 @@ def _inat_paper_split(base: Path, list_dir: Path) -> tuple[list[Record], list[Re
     for name in ("iNaturalist_train.txt", "iNaturalist_test.txt"):
         recs = []
         for n, line in _read_lines(list_dir / name):
-            parts = _split_line(line)
+            parts = split_line(line)
             if len(parts) != 3:
                 raise DataError(f"{list_dir / name}:{n}: expected '<jpg_path>,<super label>,<label>'")
             folder = parts[0].split("/")[0]

@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from ctxsim.errors import ConfigError, DataError
-from ctxsim.data.datasets import ImageDataset, Record, open_image, scan_class_folders
+from ctxsim.data.datasets import ImageDataset, Record, scan_class_folders
+from ctxsim.data.images import open_image
 
 SPLITS = {"background": "images_background", "evaluation": "images_evaluation"}
 MINI = "omniglot-mini"  # the shipped sample's dataset name (also accepted as a root: --data omniglot-mini)

@@ -38,7 +38,7 @@ class _Cycle:
     def take(self, k: int) -> list[int]:
         n = len(self.items)
         if k > n:
-            raise ValueError(f"cannot take {k} distinct items from {n}")
+            raise ConfigError(f"cannot draw {k} distinct items (classes or images) from {n}; lower batch_size or m")
         out = self.perm[self.pos:self.pos + k].tolist()
         self.pos += len(out)
         if len(out) < k:

@@ -19,6 +19,7 @@ from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
 from ctxsim.errors import ConfigError
+from ctxsim.schema import check
 
 INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -37,8 +38,8 @@ class Preprocess:
 
     input_size: int
     resize_size: int
-    mean: tuple
-    std: tuple
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     channels: str = "RGB"
     interpolation: str = "bilinear"
 
@@ -88,16 +89,8 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Preprocess":
-        """Inverse of :meth:`to_dict`; unknown or missing keys are a ConfigError."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - fields
-        if unknown:
-            raise ConfigError(f"unknown preprocess keys {sorted(unknown)}; expected {sorted(fields)}")
-        required = {"input_size", "resize_size", "mean", "std"}
-        missing = required - set(d)
-        if missing:
-            raise ConfigError(f"preprocess is missing {sorted(missing)}")
-        return cls(**dict(d))
+        """Inverse of :meth:`to_dict`; unknown or missing keys and values of the wrong type are a ConfigError."""
+        return check(d, cls, "preprocess")
 
     @classmethod
     def imagenet(cls, input_size: int = 224, resize_size: int = 256) -> "Preprocess":

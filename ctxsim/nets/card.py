@@ -5,14 +5,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
 
 from ctxsim.data.transforms import Preprocess
-from ctxsim.errors import ArtifactError
+from ctxsim.errors import ArtifactError, ConfigError
 from ctxsim.io import atomic_write_json, atomic_write_safetensors, read_json, sha256_file
 from ctxsim.nets.embedding import EmbeddingNet, ModelSpec
+from ctxsim.schema import check_fields
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -37,12 +39,18 @@ class ModelCard:
                 **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {})}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelCard":
+    def from_dict(cls, d: Any, where: str = CARD) -> "ModelCard":
+        """Check ``d`` (model.json's content) field by field: ArtifactError (one line) naming the first problem."""
+        hint = "restore the run folder from a copy or re-train"
+        if not isinstance(d, dict):
+            raise ArtifactError(f"{where} is not a model card; {hint}")
+        for key in ("arch", "preprocess"):
+            if key not in d:
+                raise ArtifactError(f"{where} lacks {key!r}; {hint}")
         try:
-            return cls(ModelSpec.from_dict(d["arch"]), Preprocess.from_dict(d["preprocess"]),
-                       d.get("fingerprint", ""), d.get("ctxsim_version", ""), d.get("weights_sha256", ""))
-        except KeyError as e:
-            raise ArtifactError(f"model card lacks {e.args[0]!r}; re-export it with ctxsim train") from None
+            return cls(**check_fields(cls, d, error=ArtifactError, where=where, hint=hint))
+        except ConfigError as e:  # a value out of range (ModelSpec, Preprocess)
+            raise ArtifactError(f"{where}: {e}; {hint}") from None
 
 
 def fingerprint(state: dict[str, torch.Tensor], preprocess: Preprocess) -> str:
@@ -78,7 +86,7 @@ def read_card(run_dir: str | Path) -> ModelCard:
     run_dir = Path(run_dir)
     if not (run_dir / CARD).exists():
         raise ArtifactError(f"{run_dir} is not a run folder (no {CARD}); train one with `ctxsim train`")
-    return ModelCard.from_dict(read_json(run_dir / CARD))
+    return ModelCard.from_dict(read_json(run_dir / CARD), str(run_dir / CARD))
 
 
 def check_weights(path: str | Path, card: ModelCard, state: dict[str, torch.Tensor] | None = None) -> None:

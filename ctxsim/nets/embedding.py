@@ -1,7 +1,7 @@
 """The embedding network: backbone -> pooling -> optional standardisation -> linear -> L2 normalise."""
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -9,6 +9,7 @@ from torch import nn
 from ctxsim.errors import ConfigError
 from ctxsim.nets.backbones import build_backbone
 from ctxsim.nets.pooling import build_pooling, l2_normalize
+from ctxsim.schema import check
 
 
 @dataclass
@@ -32,11 +33,8 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelSpec":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown model setting(s) {sorted(unknown)}; known: {sorted(known)}")
-        return cls(**d)
+        """Inverse of :meth:`to_dict`; unknown keys and values of the wrong type are a ConfigError."""
+        return check(d, cls, "model")
 
 
 class EmbeddingNet(nn.Module):

@@ -364,3 +364,10 @@ def test_make_loader_plain_and_with_sampler():
     batches = list(make_loader(ds, batch_sampler=bs))
     assert len(batches) == 3 and all(b[0].shape == (12, 1, 16, 16) for b in batches)
     assert all(len(set(b[1].tolist())) == 3 for b in batches)
+
+
+def test_a_folder_named_like_an_image_is_data_error(tmp_path):
+    _img(tmp_path / "k" / "ok.png")
+    ds = ImageDataset([Record(str(tmp_path / "k"), "a")])
+    with pytest.raises(DataError, match="not an image file \\(a folder\\)"):
+        ds.load_image(0)

@@ -60,7 +60,7 @@ def test_environment_overrides(monkeypatch):
 
 
 def test_the_565_byte_upload_is_refused_before_decoding(no_decoding):
-    from ctxsim.data.datasets import open_image
+    from ctxsim.data.images import open_image
     from ctxsim.deploy.gallery import load_image
 
     data = _png(500_000, 1)

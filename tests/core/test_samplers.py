@@ -182,3 +182,10 @@ def test_hierarchical_errors():
         HierarchicalBatchSampler(labels, supers[:-1], batch_size=8, m=2)
     with pytest.raises(ConfigError):
         HierarchicalBatchSampler(labels, None, batch_size=8, m=2)
+
+
+def test_drawing_more_than_a_cycle_holds_is_config_error():
+    from ctxsim.data.samplers import _Cycle
+
+    with pytest.raises(ConfigError, match="cannot draw 4 distinct items"):
+        _Cycle(np.arange(3), np.random.default_rng(0)).take(4)

@@ -55,3 +55,16 @@ def test_bench_int8_onnx_row_is_the_quantised_model(tmp_path, run_dir):
     assert q.status == "ok", q.status
     assert q.artifact.endswith("model.int8.onnx") and q.runner.startswith("onnxruntime")
     assert q.size_mb < rows[("onnx", "fp32")].size_mb  # int8 weights: a smaller file than fp32's
+
+
+def test_an_export_that_writes_nothing_is_artifact_error(tmp_path, monkeypatch):
+    import importlib
+    from types import SimpleNamespace
+
+    from ctxsim.errors import ArtifactError
+
+    bench_module = importlib.import_module("ctxsim.deploy.bench")  # the module (ctxsim.deploy.bench is the function)
+
+    monkeypatch.setattr(bench_module, "_export_onnx_fn", lambda: lambda *a, **k: SimpleNamespace(onnx_path=None))
+    with pytest.raises(ArtifactError, match="wrote no model.onnx"):
+        bench_module._onnx_artifact(tmp_path / "run", "fp32", tmp_path / "tmp")

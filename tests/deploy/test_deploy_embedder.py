@@ -1,6 +1,7 @@
 """The Embedder: backends, recorded preprocessing, batching."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -8,8 +9,8 @@ import pytest
 from PIL import Image
 
 from ctxsim.deploy import Embedder
-from ctxsim.deploy.embedder import artifact_kind
-from ctxsim.errors import ArtifactError, ConfigError
+from ctxsim.errors import ArtifactError, ConfigError, CtxsimError, MissingDependency
+from ctxsim.export.runners import resolve_artifact
 
 
 def _paths(gallery_dir, n=40):
@@ -43,15 +44,15 @@ def test_torch_backend_matches_evaluation_preprocessing(run_dir, gallery_dir):
 
 
 def test_artifact_kinds(tmp_path, run_dir):
-    assert artifact_kind(run_dir) == ("torch", run_dir)
+    assert resolve_artifact(run_dir) == ("torch", run_dir)
     (tmp_path / "m.onnx").write_bytes(b"")
-    assert artifact_kind(tmp_path / "m.onnx")[0] == "onnx"
+    assert resolve_artifact(tmp_path / "m.onnx")[0] == "onnx"
     (tmp_path / "m.engine").write_bytes(b"")
-    assert artifact_kind(tmp_path / "m.engine")[0] == "tensorrt"
+    assert resolve_artifact(tmp_path / "m.engine")[0] == "tensorrt"
     with pytest.raises(ArtifactError, match="neither a run folder"):
-        artifact_kind(tmp_path)
+        resolve_artifact(tmp_path)
     with pytest.raises(ArtifactError, match="not found"):
-        artifact_kind(tmp_path / "nope.onnx")
+        resolve_artifact(tmp_path / "nope.onnx")
     with pytest.raises(ConfigError, match="CUDA"):
         Embedder.from_artifact(run_dir, device="cpu", precision="fp16")
 
@@ -84,6 +85,26 @@ def test_tensorrt_engine_needs_tensorrt(tmp_path):
     (tmp_path / "model.fp16.engine").write_bytes(b"\0" * 16)
     with pytest.raises(CtxsimError):
         Embedder.from_artifact(tmp_path / "model.fp16.engine", device="cpu")
+
+
+def test_upper_case_onnx_and_trt_engine_take_their_backends(tmp_path, run_dir, gallery_dir):
+    """The Embedder asks export's resolver: MODEL.ONNX is an ONNX model, a .trt file a TensorRT engine."""
+    from ctxsim.export.onnx_export import export_onnx
+
+    onnx = export_onnx(run_dir, tmp_path / "export", fp16=False).onnx_path
+    upper = tmp_path / "upper" / "MODEL.ONNX"
+    upper.parent.mkdir()
+    upper.write_bytes(onnx.read_bytes())
+    e = Embedder.from_artifact(upper, device="cpu")
+    assert e.kind == "onnx" and e.backend == "onnxruntime:CPUExecutionProvider"
+    paths = _paths(gallery_dir, 8)
+    np.testing.assert_array_equal(e.embed(paths), Embedder.from_artifact(onnx, device="cpu").embed(paths))
+    (tmp_path / "model.fp16.trt").write_bytes(b"\0" * 16)
+    with pytest.raises(CtxsimError) as e:  # refused on the TensorRT path, not as an unknown kind of file
+        Embedder.from_artifact(tmp_path / "model.fp16.trt", device="cpu")
+    assert "ctxsim can run" not in str(e.value)  # what an unknown kind of file is told
+    if importlib.util.find_spec("tensorrt") is None:
+        assert isinstance(e.value, MissingDependency) and "pip install 'ctxsim[trt]'" in str(e.value)
 
 
 def test_torch_compile_matches_eager(run_dir, gallery_dir):  # ~20 s with a cold Inductor cache

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from ctxsim.errors import ConfigError, FingerprintMismatch
+from ctxsim.errors import ConfigError, FingerprintMismatch, ParityFailed
 from ctxsim.export import assert_parity, check_parity, export_onnx, parse_thresholds
 from ctxsim.export.parity import (DEFAULT_THRESHOLDS, cosine_rows, cross_recall_at_1, r1_flips, r1_margins,
                                   resolve_thresholds, topk_jaccard)
@@ -57,8 +57,9 @@ def test_damaged_model_fails_parity(tmp_path, convnet_run, convnet_export):
     assert not r.passed
     assert any("min_cosine" in f for f in r.failures)
     assert r.embedding["cosine_min"] < 0.9999
-    with pytest.raises(AssertionError, match="parity failed"):
+    with pytest.raises(ParityFailed, match=r"parity failed for .*model.onnx \(fp32\): min cosine.*\(min_cosine\)") as e:
         assert_parity(convnet_run, damaged, limit=LIMIT, write=False)
+    assert isinstance(e.value, AssertionError) and "\n" not in str(e.value)  # still fails a test, in one line
     assert json.loads((damaged.parent / "parity.json").read_text())["model.onnx"]["passed"] is False
     # the flips of a damaged model are decisive ones: the tie margin does not hide them from ΔR@1
     ties = r.retrieval["ties"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
-from ctxsim.export import OnnxRunner, open_runner
+from ctxsim.export import OnnxRunner, open_runner, resolve_artifact
 from ctxsim.export.runners import default_providers, install_problem
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -62,6 +62,41 @@ def test_missing_unknown_and_folder_paths(tmp_path, convnet_export):
         open_runner(tmp_path)
     runner = open_runner(convnet_export.out_dir)  # an export folder opens its model.onnx
     assert isinstance(runner, OnnxRunner) and runner.path == convnet_export.onnx_path
+
+
+def test_resolve_artifact_by_folder_and_any_case_suffix(tmp_path, convnet_run, convnet_export):
+    assert resolve_artifact(convnet_run) == ("torch", convnet_run)
+    assert resolve_artifact(convnet_run / "model.json") == ("torch", convnet_run)
+    assert resolve_artifact(convnet_export.out_dir) == ("onnx", convnet_export.onnx_path)
+    for name, kind in [("MODEL.ONNX", "onnx"), ("m.Onnx", "onnx"), ("m.engine", "tensorrt"), ("m.plan", "tensorrt"),
+                       ("m.trt", "tensorrt"), ("M.TRT", "tensorrt"), ("m.Engine", "tensorrt")]:
+        (tmp_path / name).write_bytes(b"")
+        assert resolve_artifact(tmp_path / name) == (kind, tmp_path / name), name
+    (tmp_path / "m.pt").write_bytes(b"")
+    with pytest.raises(ArtifactError, match="not a model artifact"):
+        resolve_artifact(tmp_path / "m.pt")
+    with pytest.raises(ArtifactError, match="is a run folder"):
+        open_runner(convnet_run)
+
+
+def test_upper_case_onnx_opens_and_device_cpu_keeps_the_cpu_provider(tmp_path, convnet_export):
+    upper = tmp_path / "MODEL.ONNX"
+    upper.write_bytes(convnet_export.onnx_path.read_bytes())
+    runner = open_runner(upper, device="cpu")
+    assert isinstance(runner, OnnxRunner) and runner.name == "onnxruntime:CPUExecutionProvider"
+    x = np.zeros((2, 1, 28, 28), np.float32)
+    np.testing.assert_array_equal(runner.run(x), open_runner(convnet_export.onnx_path).run(x))
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here; this checks the message shown without it")
+@pytest.mark.parametrize("name", ["model.fp16.trt", "MODEL.ENGINE", "model.Plan"])
+def test_any_engine_suffix_takes_the_tensorrt_path(tmp_path, name):
+    engine = tmp_path / name
+    engine.write_bytes(b"\0" * 64)
+    with pytest.raises(MissingDependency, match=r"pip install 'ctxsim\[trt\]'"):
+        open_runner(engine)
+    with pytest.raises(ConfigError, match="ONNX models only"):
+        open_runner(engine, providers=["CPUExecutionProvider"])
 
 
 def test_runner_interface_and_input_checks(convnet_export):

@@ -56,6 +56,12 @@ def test_sidecar_is_written_and_read(tmp_path, convnet_export):
     sidecar_path(engine).write_text(json.dumps({"precision": "int8"}))
     with pytest.raises(ArtifactError, match="lacks"):
         read_sidecar(engine)
+    for key, value, words in (("profile", {"max": "64"}, "sidecar.profile.max must be a list of integers"),
+                              ("compute_capability", 8.7, "sidecar.compute_capability must be a string"),
+                              ("contract", None, "sidecar.contract must be a mapping, got None")):
+        sidecar_path(engine).write_text(json.dumps({**sc, key: value}))
+        with pytest.raises(ArtifactError, match=words):  # typed: one line, not a TypeError where it is used
+            read_sidecar(engine)
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed here; this checks the message shown without it")
