@@ -7,8 +7,8 @@ import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -70,7 +70,7 @@ def timed(fn: Callable[[], object], device: torch.device, n: int = 1) -> float:
 
 def calls_for(seconds_per_call: float, target: float) -> int:
     """How many back-to-back calls make one measurement last about ``target`` seconds (at least 1)."""
-    return max(1, int(round(target / max(seconds_per_call, 1e-9))))
+    return max(1, round(target / max(seconds_per_call, 1e-9)))
 
 
 def median(xs: list[float]) -> float:

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, markdown_table, median, pick, report, set_cpu_threads, sync  # noqa: E402
+from common import machine, markdown_table, median, pick, report, set_cpu_threads, sync
 
 
 def write_jpegs(folder: Path, n: int, size: tuple[int, int]) -> list[Path]:
@@ -70,9 +70,14 @@ def main(argv: list[str] | None = None) -> dict:
     if a.dry_run:
         a.images, a.batch, a.blocks, size, crop, resize = 32, 16, 1, (200, 150), 112, 128
 
-    from ctxsim.data.device_decode import (DeviceAugment, DeviceEvalTransform, EncodedImages, collate_encoded,
-                                           jpeg_decoder)
     from ctxsim.data.datasets import ImageDataset, Record
+    from ctxsim.data.device_decode import (
+        DeviceAugment,
+        DeviceEvalTransform,
+        EncodedImages,
+        collate_encoded,
+        jpeg_decoder,
+    )
     from ctxsim.data.transforms import Preprocess, eval_transform, train_transform
     from ctxsim.deploy.gallery import load_image
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import calls_for, machine, markdown_table, median, pick, set_cpu_threads, sync, timed, report  # noqa: E402,E501
+from common import calls_for, machine, markdown_table, median, pick, report, set_cpu_threads, sync, timed
 
 
 def build(backbone: str, device: torch.device, size: int, in_ch: int = 3):

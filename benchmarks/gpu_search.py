@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import calls_for, machine, markdown_table, median, pick, set_cpu_threads, timed, report  # noqa: E402,E501
+from common import calls_for, machine, markdown_table, median, pick, report, set_cpu_threads, timed
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -69,8 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
             times[key].append(timed(fn, device, calls[key]))
 
     # sanity: both paths give the same neighbours
-    s1, i1 = searcher.search(queries[a.query_batches[0]], a.k)
-    s2, i2 = knn(queries[a.query_batches[0]], gallery, a.k, backend="torch")
+    _, i1 = searcher.search(queries[a.query_batches[0]], a.k)
+    _, i2 = knn(queries[a.query_batches[0]], gallery, a.k, backend="torch")
     same = bool((i1.cpu().numpy() == i2).all())
 
     rows, data_rows = [], []

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, REPO, machine, markdown_table  # noqa: E402
+from common import REPO, RESULTS, machine, markdown_table
 
 DATA = REPO.parent / "shared" / "data" / "omniglot"
 

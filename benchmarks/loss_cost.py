@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import set_cpu_threads, calls_for, machine, markdown_table, median, pick, sync, timed, report  # noqa: E402
+from common import calls_for, machine, markdown_table, median, pick, report, set_cpu_threads, sync, timed
 
 
 def make_step(backbone: str, batch: int, size: int, device: torch.device):

@@ -35,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 from common import cpu_name  # noqa: E402
+
 DATA = REPO.parent / "shared" / "data" / "omniglot"
 RESULTS = REPO / "benchmarks" / "results" / "omniglot"
 DOC = REPO / "docs" / "BENCHMARKS.md"
@@ -111,7 +112,7 @@ def run_key(setting: str, method: str, lr: float, seed: int) -> str:
 
 
 def make_spec(mode, setting, method, lr, seed, data_root, params=None, noise=0.0, lite0=False, warmup=0):
-    label, loss, p, proxy_mult = METHODS[method]
+    _label, loss, p, proxy_mult = METHODS[method]
     o = lite0_overrides(mode, data_root) if lite0 else base_overrides(mode, data_root)
     if setting != "main":  # only the main table's runs draw per-epoch curves; the rest evaluate once, at the end
         o["eval_every"] = o["epochs"]
@@ -166,7 +167,7 @@ def run_one(spec: dict, threads: int) -> dict:
         try:
             res = train(cfg, scratch / "run")
             history, error = res.history, None
-        except Exception as e:  # a diverged run is a result too
+        except Exception as e:  # noqa: BLE001 - a diverged run is a result too
             history, error = [], f"{e.__class__.__name__}: {e}"
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

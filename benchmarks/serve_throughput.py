@@ -31,6 +31,12 @@ re-encoded as PNG and as JPEG (quality 90). Writes benchmarks/results/serve_thro
     python benchmarks/serve_throughput.py --url http://127.0.0.1:8000 --index runs/demo/index --server-pid PID
         # drive a server that is already running (server CPU only with --server-pid; /metrics deltas include any
         # other traffic it gets)
+    python benchmarks/serve_throughput.py --baseline /tmp/before/pkg
+        # also serve with the ctxsim found on that PYTHONPATH (e.g. an older checkout), side by side: every round
+        # runs each phase against both servers, alternating which goes first
+    python benchmarks/serve_throughput.py --body raw       # the image itself as the body (Content-Type image/...)
+    python benchmarks/serve_throughput.py --index IDX --model RUN --device cuda --precision bf16 --compile
+        # the GPU paths: a run folder in bf16 with torch.compile, or an ONNX model on CUDA (--device cuda)
 """
 from __future__ import annotations
 
@@ -112,8 +118,14 @@ def _loadgen(conn: Any, host: str, port: int, requests: list[bytes], total: int,
         conn.send(("error", f"{type(e).__name__}: {e}"))
 
 
-def build_request(host: str, port: int, data: bytes, fmt: str, k: int, token: str | None) -> bytes:
-    """One raw ``POST /search`` request: multipart with the field ``image`` and the form field ``k``."""
+def build_request(host: str, port: int, data: bytes, fmt: str, k: int, token: str | None,
+                  body: str = "multipart") -> bytes:
+    """One raw ``POST /search`` request: multipart with the field ``image`` and the form field ``k``, or (``body``
+    "raw") the image itself with ``Content-Type: image/<fmt>`` and ``k`` in the query."""
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
+    if body == "raw":
+        return (f"POST /search?k={k} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: image/{fmt}\r\n"
+                f"Content-Length: {len(data)}\r\n{auth}\r\n").encode() + data
     boundary = "ctxsimbench7d1f0c"
     body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"k\"\r\n\r\n{k}\r\n"
             f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"q.{fmt}\"\r\n"
@@ -152,7 +164,8 @@ def aggregate(rounds: list[dict]) -> dict:
         return float(statistics.median(xs)) if xs else None
 
     first = rounds[0]
-    out: dict[str, Any] = {"format": first["format"], "concurrency": first["concurrency"],
+    out: dict[str, Any] = {"server": first.get("server", "served"), "format": first["format"],
+                           "concurrency": first["concurrency"],
                            "requests": first["requests"], "rounds": len(rounds),
                            "failed": sum(r["requests"] - r["ok"] for r in rounds)}
     for key in ("rps", "rps_wo_generator", "p50_ms", "p99_ms", "mean_ms", "server_cpu_ms_per_request",
@@ -187,8 +200,10 @@ def scrape(host: str, port: int, token: str | None) -> dict[str, float]:
     return out
 
 
-def start_server(index: Path, model: Path | None, args: argparse.Namespace, log: Path) -> tuple[subprocess.Popen, int]:
-    """`python -m ctxsim.cli serve INDEX` on a free loopback port; returns (process, port) once /healthz answers."""
+def start_server(index: Path, model: Path | None, args: argparse.Namespace, log: Path, pythonpath: str | None = None,
+                 extra: list[str] | None = None) -> tuple[subprocess.Popen, int]:
+    """`python -m ctxsim.cli serve INDEX` on a free loopback port; returns (process, port) once /healthz answers.
+    ``pythonpath``: put this first on the server's PYTHONPATH (a baseline checkout); ``extra``: more serve options."""
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -197,9 +212,18 @@ def start_server(index: Path, model: Path | None, args: argparse.Namespace, log:
            "--device", args.device, "--max-batch", str(args.max_batch), "--batch-wait-ms", str(args.batch_wait_ms)]
     if model is not None:
         cmd += ["--model", str(model)]
-    print("starting:", " ".join(cmd[1:]), flush=True)
+    if args.precision != "fp32":
+        cmd += ["--precision", args.precision]
+    if args.compile:
+        cmd += ["--compile"]
+    cmd += extra or []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    if pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join([pythonpath, *filter(None, [os.environ.get("PYTHONPATH")])])
+    print("starting:", " ".join(cmd[1:]), f"(PYTHONPATH={pythonpath})" if pythonpath else "", flush=True)
     fh = open(log, "wb")  # noqa: SIM115 - the server writes its (access) log here for its whole life
-    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # a baseline starts in the log's folder: from a checkout's root, `-m` would find that checkout's ctxsim/ first
+    proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=log.parent if pythonpath else None)
     deadline = time.time() + args.start_timeout
     while True:
         if proc.poll() is not None:
@@ -274,11 +298,11 @@ def build_default(root: Path, epochs: int, seed: int) -> tuple[Path, Path]:
     initial weights), exported to ONNX with parity, and a flat index over the held-out drawings as PNG files."""
     import torch
     import yaml
-    from ctxsim.deploy.index import build_index
-    from ctxsim.export import export_run
 
     from ctxsim.config import resolve_config
     from ctxsim.data.pipeline import open_eval_dataset
+    from ctxsim.deploy.index import build_index
+    from ctxsim.export import export_run
     from ctxsim.nets import EmbeddingNet, save_model
     from ctxsim.train import train
 
@@ -330,10 +354,10 @@ class InProcess:
     def __init__(self, embedder: Any, index: Any, k: int, batch: int = 32) -> None:
         self.embedder, self.index, self.k, self.batch = embedder, index, k, batch
         try:  # exactly what the server runs on an upload
-            from ctxsim.deploy.serve import DEFAULT_MAX_PIXELS, _decode
+            from ctxsim.deploy.batcher import DEFAULT_MAX_PIXELS, decode_upload
 
-            self.decode = lambda b: _decode(b, DEFAULT_MAX_PIXELS)
-        except ImportError:  # renamed since: the public equivalent
+            self.decode = lambda b: decode_upload(b, DEFAULT_MAX_PIXELS)
+        except ImportError:  # an older checkout: the public equivalent
             from ctxsim.deploy.gallery import load_image
 
             self.decode = load_image
@@ -439,8 +463,8 @@ def render(data: dict) -> str:
              f"cores). Date {data['date']}."), "",
              (f"Served: {data['setup']}. Server: {data['server']}. Queries: {data['queries']} distinct gallery images "
              f"(mean {data['query_bytes']['png']:.0f} B as PNG, {data['query_bytes']['jpeg']:.0f} B as JPEG), "
-             f"`POST /search` multipart with k={data['k']}; load generator: one process, asyncio, one keep-alive "
-             "connection per concurrent client."), ""]
+             f"`POST /search` {data.get('body', 'multipart')} with k={data['k']}; load generator: one process, "
+             "asyncio, one keep-alive connection per concurrent client."), ""]
     if ceil:
         rows = []
         for f, c in ceil.items():
@@ -458,31 +482,34 @@ def render(data: dict) -> str:
                                   "b=1 CPU ms/img", "b=1 img/s",
                                   "b=1 p50 ms", "b=1 p99 ms"], rows), ""]
     rows = []
+    several = len({r["server"] for r in data["phases"]}) > 1
     for r in data["phases"]:
-        c = ceil.get(r["format"]) if ceil else None
         ratio = r.get("server_ratio")
         spread = f"{min(r['rps_per_round']):,.0f}-{max(r['rps_per_round']):,.0f}"
-        rows.append([r["format"].upper(), r["concurrency"], f"{r['rounds']} x {r['requests']}", f"{r['rps']:,.0f}",
+        rows.append(([r["server"]] if several else []) + [
+                     r["format"].upper(), r["concurrency"], f"{r['rounds']} x {r['requests']}", f"{r['rps']:,.0f}",
                      spread, f"{r['rps_wo_generator']:,.0f}", fmt(r["p50_ms"]), fmt(r["p99_ms"]),
                      fmt(r["server_cpu_ms_per_request"], ".3f"), fmt(ratio), fmt(r["mean_batch"], ".1f"),
                      f"{r['loadgen_cpu_ms_per_request']:.3f}", r["failed"]])
     lines += [("**Served** (each row: one load phase per round, the median over the rounds; server CPU from "
               "/proc/<pid>/stat, batch size from /metrics)"), "",
-              markdown_table(["format", "concurrency", "requests", "req/s", "req/s range", "req/s w/o generator CPU",
+              markdown_table((["server"] if several else []) + [
+                              "format", "concurrency", "requests", "req/s", "req/s range", "req/s w/o generator CPU",
                               "p50 ms",
                               "p99 ms", "server CPU ms/req", "CPU ratio (in-proc b=32 / server)", "mean batch",
                               "generator CPU ms/req", "failed"], rows), ""]
     lines += [("'req/s w/o generator CPU' = requests / (wall - generator CPU / cores): the rate if the load "
               "generator's CPU had been left to the server (it shares the same cores). 'CPU ratio' is the headline: "
               "in-process CPU per image at batch 32 / server CPU per request (1.0: serving adds nothing)."), ""]
-    heads = [f"{r['format'].upper()} c={r['concurrency']} {r['server_ratio']:.2f}" for r in data["phases"]
-             if r.get("server_ratio") is not None]
+    heads = [(f"{r['server']} " if several else "") + f"{r['format'].upper()} c={r['concurrency']} "
+             f"{r['server_ratio']:.2f}" for r in data["phases"] if r.get("server_ratio") is not None]
     if heads:
         lines += [(f"**Headline: in-process CPU per image (b=32) / server CPU per request: {', '.join(heads)}** "
                   "(target >= 0.5)."), ""]
-    if data["idle_server_cpu_ms_per_s"] is not None:
-        lines += [(f"Idle server: {data['idle_server_cpu_ms_per_s']:.1f} CPU-ms per second (measured over "
-                  f"{data['idle_seconds']:.0f} s with no requests)."), ""]
+    for name, idle in data["idle_server_cpu_ms_per_s"].items():
+        if idle is not None:
+            lines += [(f"Idle server{f' ({name})' if several else ''}: {idle:.1f} CPU-ms per second (measured over "
+                      f"{data['idle_seconds']:.0f} s with no requests)."), ""]
     lines += ["**Targets (issue 15)**", ""]
     lines += [f"- {t['name']}: {t['value']} -> {t['verdict']}" for t in data["targets"]]
     cor = data["correctness"]
@@ -497,9 +524,10 @@ def render(data: dict) -> str:
 def targets(data: dict) -> list[dict]:
     out = []
     ceil = data["in_process"]
+    several = len({r["server"] for r in data["phases"]}) > 1
     for r in data["phases"]:
         c = ceil.get(r["format"]) if ceil else None
-        f, conc = r["format"].upper(), r["concurrency"]
+        f, conc = (f"{r['server']} " if several else "") + r["format"].upper(), r["concurrency"]
         if c and r["server_cpu_ms_per_request"]:
             ratio = c["batch32"]["cpu_ms_per_image"] / r["server_cpu_ms_per_request"]
             value = f"{ratio:.3f}"
@@ -547,6 +575,16 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="server and in-process device (cpu, cuda, auto)")
     ap.add_argument("--max-batch", type=int, default=32, help="server --max-batch")
     ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="server --batch-wait-ms")
+    ap.add_argument("--precision", default="fp32", help="a run folder served with PyTorch: fp32, bf16, fp16 (CUDA)")
+    ap.add_argument("--compile", action="store_true", help="a run folder served with PyTorch: torch.compile")
+    ap.add_argument("--body", choices=("multipart", "raw"), default="multipart",
+                    help="the upload: multipart (field image, form field k) or raw (Content-Type image/..., ?k=)")
+    ap.add_argument("--server-args", default="", help="more `ctxsim serve` options, e.g. '--threads 1'")
+    ap.add_argument("--baseline", metavar="PYTHONPATH",
+                    help="also start a server whose ctxsim comes from this PYTHONPATH entry (e.g. an older checkout "
+                         "laid out as an importable ctxsim package) and measure both, side by side")
+    ap.add_argument("--label", default="current", help="name of the server under test in the tables")
+    ap.add_argument("--baseline-label", default="baseline", help="name of the --baseline server in the tables")
     ap.add_argument("--rounds", type=int, default=3, help="rounds over the in-process ceiling and all load "
                     "phases (median reported)")
     ap.add_argument("--inproc-images", default="1920,300", help="in-process images per round: batch 32, batch 1")
@@ -566,10 +604,10 @@ def main() -> None:
     n_batch, n_single = (int(x) for x in args.inproc_images.split(","))
 
     import numpy as np  # noqa: F401 - fail early if the environment is incomplete
+
     from ctxsim.deploy.bench import machine_info
     from ctxsim.deploy.embedder import Embedder
     from ctxsim.deploy.index import load_index
-
     from ctxsim.io import atomic_write_json, atomic_write_text
 
     load_before = load_average()
@@ -587,7 +625,10 @@ def main() -> None:
         if index_dir is not None:
             index = load_index(index_dir)
             model = model or Path(index.info.model)
-            embedder = Embedder.from_artifact(model, device=args.device, batch_size=max(64, args.max_batch))
+            embedder = Embedder.from_artifact(model, device=args.device, batch_size=max(64, args.max_batch),
+                                              precision=args.precision, compile=args.compile)
+            if args.compile:
+                embedder.warm_up()
             paths = [it.path for it in index.items]
             setup += f" ({index.info.count} items, {index.info.index_type}, backend {embedder.backend})"
         else:  # --url alone: query with the shipped sample's held-out drawings, no ceiling
@@ -608,57 +649,81 @@ def main() -> None:
         references = {f: inproc.reference(payloads[f]) for f in formats} if inproc is not None else {}
         inproc_reps: dict[str, list[dict]] = {f: [] for f in formats}
 
-        proc = None
+        procs: list[subprocess.Popen] = []
+        servers: list[dict] = []  # {"name", "host", "port", "pid"}
         if args.url:
             u = urllib.parse.urlsplit(args.url)
-            host, port, pid = u.hostname or "127.0.0.1", u.port or 80, args.server_pid
-            server_desc = f"already running at {args.url}" + ("" if pid else " (no --server-pid: CPU n/a)")
+            servers.append({"name": args.label, "host": u.hostname or "127.0.0.1", "port": u.port or 80,
+                            "pid": args.server_pid})
+            server_desc = f"already running at {args.url}" + ("" if args.server_pid else " (no --server-pid: CPU n/a)")
         else:
-            proc, port = start_server(index_dir, args.model, args, root / "server.log")
-            host, pid = "127.0.0.1", proc.pid
+            extra = args.server_args.split()
+            proc, port = start_server(index_dir, args.model, args, root / "server.log", extra=extra)
+            procs.append(proc)
+            servers.append({"name": args.label, "host": "127.0.0.1", "port": port, "pid": proc.pid})
             server_desc = (f"`ctxsim serve` (uvicorn, defaults but --device {args.device}, --max-batch "
-                           f"{args.max_batch}, --batch-wait-ms {args.batch_wait_ms:g})")
+                           f"{args.max_batch}, --batch-wait-ms {args.batch_wait_ms:g}"
+                           + (f", --precision {args.precision}" if args.precision != "fp32" else "")
+                           + (", --compile" if args.compile else "") + (f", {args.server_args}" if extra else "") + ")")
+        if args.baseline:
+            if index_dir is None:
+                ap.error("--baseline needs --index or the default set-up (not --url alone)")
+            proc, port = start_server(index_dir, args.model, args, root / "baseline.log", pythonpath=args.baseline)
+            procs.append(proc)
+            servers.append({"name": args.baseline_label, "host": "127.0.0.1", "port": port, "pid": proc.pid})
+            server_desc += (f"; side by side with {args.baseline_label}: the same command with "
+                            f"PYTHONPATH={args.baseline}")
         try:
-            st, info = http_get(host, port, "/info", args.token)
+            st, info = http_get(servers[0]["host"], servers[0]["port"], "/info", args.token)
             served_info = json.loads(info) if st == 200 else {}
-            reqs = {f: [build_request(host, port, b, f, args.k, args.token) for b in payloads[f]] for f in formats}
+            reqs = {(sv["name"], f): [build_request(sv["host"], sv["port"], b, f, args.k, args.token, args.body)
+                                      for b in payloads[f]] for sv in servers for f in formats}
             print("warming up ...", flush=True)
-            run_phase(host, port, reqs[formats[0]], 4 * max(concs), max(concs), None, args.token)
-            idle = None
-            if pid is not None and args.idle_seconds > 0:
-                c0 = proc_cpu_s(pid)
-                time.sleep(args.idle_seconds)
-                c1 = proc_cpu_s(pid)
-                idle = None if c0 is None or c1 is None else 1e3 * (c1 - c0) / args.idle_seconds
+            for sv in servers:
+                run_phase(sv["host"], sv["port"], reqs[sv["name"], formats[0]], 4 * max(concs), max(concs), None,
+                          args.token)
+            idle: dict[str, float | None] = {}
+            for sv in servers:
+                idle[sv["name"]] = None
+                if sv["pid"] is not None and args.idle_seconds > 0:
+                    c0 = proc_cpu_s(sv["pid"])
+                    time.sleep(args.idle_seconds)
+                    c1 = proc_cpu_s(sv["pid"])
+                    idle[sv["name"]] = None if c0 is None or c1 is None else 1e3 * (c1 - c0) / args.idle_seconds
             raw = []
             correctness: dict[str, Any] = {"checked": 0, "exact": 0, "near_tie": 0, "mismatch": 0, "examples": []}
             cells = [(f, conc, total) for f in formats for conc, total in zip(concs, counts)]
             for rnd in range(args.rounds):  # round-robin: every cell sees the machine's changing load alike
-                if inproc is not None:  # the ceiling too, between the rounds (the server idles meanwhile)
+                if inproc is not None:  # the ceiling too, between the rounds (the servers idle meanwhile)
                     for f in formats:
                         inproc_reps[f].append(inproc.rep(payloads[f], n_batch, n_single))
                         print(f"round {rnd + 1}/{args.rounds} in-process {f.upper()}: "
                               f"{n_batch / inproc_reps[f][-1]['b32'][0]:.0f} img/s at batch 32", flush=True)
                 for f, conc, total in cells:
-                    r = run_phase(host, port, reqs[f], total, conc, pid, args.token)
-                    r["format"], r["round"] = f, rnd
-                    bodies = r.pop("bodies")
-                    cmp = compare({q: b for q, b in bodies.items()},
-                                  references.get(f))
-                    for key in ("checked", "exact", "near_tie", "mismatch"):
-                        correctness[key] += cmp[key]
-                    correctness["examples"] += [{"format": f, "concurrency": conc, **e} for e in cmp["examples"]]
-                    r["correctness"] = {k: v for k, v in cmp.items() if k != "examples"}
-                    raw.append(r)
-                    print(f"round {rnd + 1}/{args.rounds} {f.upper()} c={conc}: {r['rps']:.0f} req/s, p50 "
-                          f"{fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, server "
-                          f"{fmt(r['server_cpu_ms_per_request'], '.3f')} CPU-ms/req, "
-                          f"mean batch {fmt(r['mean_batch'], '.1f')}, generator "
-                          f"{r['loadgen_cpu_ms_per_request']:.3f} CPU-ms/req, failed {total - r['ok']}", flush=True)
-            phases = [aggregate([r for r in raw if r["format"] == f and r["concurrency"] == c])
-                      for f in formats for c in concs]
+                    order = servers if rnd % 2 == 0 else servers[::-1]  # alternate which server goes first
+                    for sv in order:
+                        r = run_phase(sv["host"], sv["port"], reqs[sv["name"], f], total, conc, sv["pid"],
+                                      args.token)
+                        r["server"], r["format"], r["round"] = sv["name"], f, rnd
+                        bodies = r.pop("bodies")
+                        cmp = compare(dict(bodies.items()), references.get(f))
+                        for key in ("checked", "exact", "near_tie", "mismatch"):
+                            correctness[key] += cmp[key]
+                        correctness["examples"] += [{"server": sv["name"], "format": f, "concurrency": conc, **e}
+                                                    for e in cmp["examples"]]
+                        r["correctness"] = {k: v for k, v in cmp.items() if k != "examples"}
+                        raw.append(r)
+                        print(f"round {rnd + 1}/{args.rounds} {sv['name']} {f.upper()} c={conc}: {r['rps']:.0f} "
+                              f"req/s, p50 {fmt(r['p50_ms'])} ms, p99 {fmt(r['p99_ms'])} ms, server "
+                              f"{fmt(r['server_cpu_ms_per_request'], '.3f')} CPU-ms/req, "
+                              f"mean batch {fmt(r['mean_batch'], '.1f')}, generator "
+                              f"{r['loadgen_cpu_ms_per_request']:.3f} CPU-ms/req, failed {total - r['ok']}",
+                              flush=True)
+            phases = [aggregate([r for r in raw if r["server"] == sv["name"] and r["format"] == f
+                                 and r["concurrency"] == c])
+                      for sv in servers for f in formats for c in concs]
         finally:
-            if proc is not None:
+            for proc in procs:
                 proc.terminate()
                 try:
                     proc.wait(timeout=20)
@@ -669,7 +734,7 @@ def main() -> None:
     data = {"date": args.date, "machine": machine_info(), "load_average_before": load_before,
             "load_average_after": load_average(), "setup": setup, "server": server_desc,
             "served_info": {k: served_info.get(k) for k in ("backend", "fingerprint", "batching", "index")},
-            "queries": len(payloads[formats[0]]), "k": args.k,
+            "queries": len(payloads[formats[0]]), "k": args.k, "body": args.body,
             "query_bytes": {f: sum(map(len, payloads[f])) / len(payloads[f]) for f in payloads},
             "in_process": ceiling, "phases": phases, "phases_raw": raw, "rounds": args.rounds,
             "idle_server_cpu_ms_per_s": idle,

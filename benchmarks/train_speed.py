@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import set_cpu_threads, machine, markdown_table, median, pick, sync, timed, report  # noqa: E402
+from common import machine, markdown_table, median, pick, report, set_cpu_threads, sync, timed
 
 
 def trainer_config(device: torch.device, backbone: str, batch: int, size: int, amp: str, compile_: bool):

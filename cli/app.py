@@ -6,14 +6,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
+from ctxsim.cli.console import (
+    TrainingDisplay,
+    console,
+    err_console,
+    metrics_table,
+    new_progress,
+    progress_callback,
+    show_logs,
+)
 from ctxsim.errors import CtxsimError, ParityFailed
 
-from ctxsim.cli.console import (TrainingDisplay, console, err_console, metrics_table, new_progress, progress_callback,
-                                show_logs)
+__all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Contextual-similarity metric learning: train, evaluate, export, index and search.")
@@ -21,15 +28,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 
 @app.command(epilog="Example: ctxsim train --recipe omniglot --data ../shared/data/omniglot --out runs/omni")
 def train(
-    recipe: Optional[str] = typer.Option(None, help="Shipped recipe name (see `ctxsim recipes`) or a YAML path."),
-    config: Optional[Path] = typer.Option(None, help="A YAML config file (applied after the recipe)."),
-    data: Optional[str] = typer.Option(None, help="Dataset root (sets data.root); omniglot-mini names the Omniglot "
-                                                  "sample shipped in the package (no path)."),
+    recipe: str | None = typer.Option(None, help="Shipped recipe name (see `ctxsim recipes`) or a YAML path."),
+    config: Path | None = typer.Option(None, help="A YAML config file (applied after the recipe)."),
+    data: str | None = typer.Option(None, help="Dataset root (sets data.root); omniglot-mini names the Omniglot "
+                                               "sample shipped in the package (no path)."),
     out: Path = typer.Option(Path("runs/latest"), help="Run folder to create."),
-    set_: List[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=3e-4 (repeatable)."),
-    epochs: Optional[int] = typer.Option(None, help="Number of epochs (sets epochs)."),
-    weights: Optional[Path] = typer.Option(None, help="Local backbone weights (safetensors or tensor-only .pt)."),
-    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
+    set_: list[str] = typer.Option([], "--set", help="Override a setting, e.g. --set optim.lr=3e-4 (repeatable)."),
+    epochs: int | None = typer.Option(None, help="Number of epochs (sets epochs)."),
+    weights: Path | None = typer.Option(None, help="Local backbone weights (safetensors or tensor-only .pt)."),
+    resume: Path | None = typer.Option(None, help="Continue the run in this folder from its last checkpoint."),
     gpus: int = typer.Option(1, help="Train on N GPUs of this machine with DDP (torchrun); data.batch_size is the "
                                      "global batch and must be divisible by m x N."),
     check: bool = typer.Option(False, "--check", help="Check the settings: build the data, model, loss and "
@@ -44,7 +51,7 @@ def train(
         _relaunch_with_torchrun(gpus)
     main_rank = int(os.environ.get("RANK", "0")) == 0
     with (new_progress() if main_rank else contextlib.nullcontext()) as p:
-        display = TrainingDisplay(p) if main_rank else None
+        display = TrainingDisplay(p) if p is not None else None  # p: None off the main rank
         if resume:
             result = resume_run(resume, display, epochs)
         else:
@@ -70,7 +77,7 @@ def train(
 def _relaunch_with_torchrun(gpus: int) -> None:
     """Replace this process by `torchrun --nproc_per_node N -m ctxsim.cli <same arguments without --gpus>`."""
     argv, skip = [], False
-    for i, arg in enumerate(sys.argv[1:]):
+    for arg in sys.argv[1:]:
         if skip:
             skip = False
         elif arg == "--gpus":
@@ -84,7 +91,7 @@ def _relaunch_with_torchrun(gpus: int) -> None:
 @app.command("eval", epilog="Example: ctxsim eval runs/omni --data ../shared/data/omniglot")
 def eval_(
     run_dir: Path = typer.Argument(..., help="A run folder from `ctxsim train`."),
-    data: Optional[str] = typer.Option(None, help="Dataset root, if it moved since training."),
+    data: str | None = typer.Option(None, help="Dataset root, if it moved since training."),
     json_out: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Evaluate a run on its held-out classes (Recall@K, MAP@R, R-precision); writes eval.json."""
@@ -118,7 +125,7 @@ def load_yaml_raw(path: Path) -> dict:
 def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes its run, export and index."),
          dataset: str = typer.Option("omniglot-mini", help="omniglot-mini (the Omniglot sample shipped in the "
                                                            "package) or digits (scikit-learn's 8x8 digits)."),
-         epochs: Optional[int] = typer.Option(None, help="Training epochs (default: the dataset's demo recipe).")
+         epochs: int | None = typer.Option(None, help="Training epochs (default: the dataset's demo recipe).")
          ) -> None:
     """Offline end-to-end demo on a shipped real sample: train, evaluate on unseen classes (untrained vs trained),
     export + parity, index, search, bench; writes summary.json and learning_curve.png beside its outputs."""
@@ -132,15 +139,17 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="Where the demo writes
         console.print(f"{name}: {path}")
 
 
-from ctxsim.cli.export_cmds import register as _register_export  # noqa: E402
-
 from ctxsim.cli.deploy_cmds import register as _register_deploy  # noqa: E402
-
+from ctxsim.cli.export_cmds import register as _register_export  # noqa: E402
 from ctxsim.cli.verify_cmds import register as _register_verify  # noqa: E402
 
 _register_export(app)
 _register_deploy(app)
 _register_verify(app)
+
+
+#: what str.splitlines() breaks at, written as escapes: a user's file may name a key "\x85" or "a\nb"
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"}
 
 
 def main() -> None:
@@ -151,7 +160,8 @@ def main() -> None:
         from rich.markup import escape
 
         # one line, never wrapped; escaped, so "pip install 'ctxsim[cpu]'" is not read as rich markup
-        err_console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(str(e).translate(_LINE_BREAKS))}", highlight=False,
+                          soft_wrap=True)
         sys.exit(1 if isinstance(e, ParityFailed) else 2)  # a failed parity check is a verdict, not bad input
     except KeyboardInterrupt:
         err_console.print("interrupted")

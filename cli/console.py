@@ -2,15 +2,26 @@
 from __future__ import annotations
 
 import logging
+import sys
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
-import sys
+__all__ = ["TrainingDisplay", "console", "err_console", "metrics_table", "new_progress", "progress_callback",
+           "show_logs"]
 
 # piped output (CI logs, `| tee`) gets wide tables instead of rich's 80-column default
 console = Console(width=None if sys.stdout.isatty() else 160)
@@ -69,7 +80,8 @@ class TrainingDisplay:
     """Turns Trainer events into a progress bar per epoch and a line per evaluation."""
 
     def __init__(self, progress: Progress):
-        self.p, self.task = progress, None
+        self.p = progress
+        self.task: TaskID | None = None
 
     def __call__(self, event: str, **info: Any) -> None:
         if event == "start":

@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from ctxsim.config import resolve_config
 from ctxsim.errors import ConfigError
 from ctxsim.io import atomic_write_json
 from ctxsim.train import train
+
+__all__ = ["DATASETS", "DemoDataset", "DemoSummary", "run_demo"]
 
 
 @dataclass(frozen=True)

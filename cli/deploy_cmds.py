@@ -3,12 +3,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 from rich.table import Table
 
 from ctxsim.cli.console import console, err_console, progress_callback
+
+THREADS_HELP = ("Threads for PyTorch, ONNX Runtime and FAISS together (default: CTXSIM_THREADS, else the usable "
+                "cores; docs/ARCHITECTURE.md, 'Threads').")
+
+
+def _threads(threads: int | None) -> None:
+    """Apply the thread policy (ctxsim.deploy.threads) before the command opens a model."""
+    if threads is not None:
+        from ctxsim.deploy.threads import set_threads
+
+        set_threads(threads)
 
 
 def _csv(value: str) -> list[str]:
@@ -44,12 +54,13 @@ def register(app: typer.Typer) -> None:
         model: Path = typer.Option(..., help="Run folder, .onnx or .engine."),
         out: Path = typer.Option(..., help="Index folder to write."),
         type_: str = typer.Option("flat", "--type", help="flat, ivf, ivfpq, hnsw or torch (exact, no FAISS)."),
-        param: List[str] = typer.Option([], help="Index parameter, e.g. --param nlist=256 (repeatable)."),
+        param: list[str] = typer.Option([], help="Index parameter, e.g. --param nlist=256 (repeatable)."),
         gpu: bool = typer.Option(False, "--gpu", help="Build/search flat/IVF indexes on the GPU (FAISS with GPUs)."),
         batch_size: int = typer.Option(64, help="Images per embedding batch."),
         device_decode: bool = typer.Option(False, "--device-decode",
                                            help="Decode JPEGs on the model's device (nvJPEG on a GPU; run folders)."),
         force: bool = typer.Option(False, "--force", help="Replace an index already in OUT."),
+        threads: int | None = typer.Option(None, help=THREADS_HELP),
     ) -> None:
         """Embed a gallery and write an index folder (unreadable images are reported and skipped)."""
         from ctxsim.deploy.index import build_index
@@ -61,6 +72,7 @@ def register(app: typer.Typer) -> None:
             if not sep or not v.strip().isdigit():
                 raise ConfigError(f"--param takes name=integer, got {p!r}")
             params[k.strip()] = int(v)
+        _threads(threads)
         with progress_callback("embedding gallery") as progress:
             info = build_index(gallery, model, out, type_, gpu=gpu, progress=progress, params=params,
                                batch_size=batch_size, overwrite=force, device_decode=device_decode)
@@ -71,7 +83,7 @@ def register(app: typer.Typer) -> None:
     def index_add(
         index_dir: Path = typer.Argument(..., help="An index folder."),
         images: Path = typer.Argument(..., help="Class-per-folder tree or list file of images to append."),
-        model: Optional[Path] = typer.Option(None, help="Query model (default: the one in index.json)."),
+        model: Path | None = typer.Option(None, help="Query model (default: the one in index.json)."),
         batch_size: int = typer.Option(64, help="Images per embedding batch."),
         device_decode: bool = typer.Option(False, "--device-decode",
                                            help="Decode JPEGs on the model's device (nvJPEG on a GPU; run folders)."),
@@ -88,7 +100,7 @@ def register(app: typer.Typer) -> None:
     @index_app.command("info", epilog="Example: ctxsim index info idx --check-recall 10")
     def index_info(
         index_dir: Path = typer.Argument(..., help="An index folder."),
-        check_recall: Optional[int] = typer.Option(None, help="Also measure recall@K against exact search."),
+        check_recall: int | None = typer.Option(None, help="Also measure recall@K against exact search."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
     ) -> None:
         """Show index.json (and optionally the index's recall@K against exact search)."""
@@ -111,13 +123,14 @@ def register(app: typer.Typer) -> None:
     @app.command("search", epilog="Example: ctxsim search idx query.jpg -k 5 --grid results.png")
     def search_cmd(
         index_dir: Path = typer.Argument(..., help="An index folder."),
-        queries: List[Path] = typer.Argument(None, help="Query images, or one folder tree / list file."),
+        queries: list[Path] = typer.Argument(None, help="Query images, or one folder tree / list file."),
         k: int = typer.Option(10, "-k", "--k", help="Neighbours per query."),
-        model: Optional[Path] = typer.Option(None, help="Query model (default: the one in index.json)."),
-        grid: Optional[Path] = typer.Option(None, help="Also draw the results into this PNG."),
+        model: Path | None = typer.Option(None, help="Query model (default: the one in index.json)."),
+        grid: Path | None = typer.Option(None, help="Also draw the results into this PNG."),
         thumb: int = typer.Option(96, help="Thumbnail size of the grid (px)."),
         check_recall: bool = typer.Option(False, "--check-recall", help="Report recall@k against exact search."),
         json_out: bool = typer.Option(False, "--json", help="Print JSON."),
+        threads: int | None = typer.Option(None, help=THREADS_HELP),
     ) -> None:
         """Search an index with query images (the index's model is used; another model is refused)."""
         from ctxsim.deploy.index import load_index
@@ -127,6 +140,7 @@ def register(app: typer.Typer) -> None:
 
         if not queries and not check_recall:
             raise ConfigError("give query images (or a folder / list file), or --check-recall")
+        _threads(threads)
         index = load_index(index_dir)
         results = []
         if queries:
@@ -156,13 +170,13 @@ def register(app: typer.Typer) -> None:
                                  "(or export CTXSIM_TOKEN=...)")
     def serve_cmd(
         index_dir: Path = typer.Argument(..., help="An index folder."),
-        model: Optional[Path] = typer.Option(None, help="Model (default: the one in index.json)."),
+        model: Path | None = typer.Option(None, help="Model (default: the one in index.json)."),
         host: str = typer.Option("127.0.0.1", help="Interface to listen on (loopback by default)."),
         port: int = typer.Option(8000, help="TCP port."),
-        token: Optional[str] = typer.Option(None, envvar="CTXSIM_TOKEN", help="Require 'Authorization: Bearer TOKEN' "
-                                            "(prefer --token-file or CTXSIM_TOKEN: a --token value shows in the "
-                                            "process list)."),
-        token_file: Optional[Path] = typer.Option(None, help="Read the required bearer token from this file."),
+        token: str | None = typer.Option(None, envvar="CTXSIM_TOKEN", help="Require 'Authorization: Bearer TOKEN' "
+                                         "(prefer --token-file or CTXSIM_TOKEN: a --token value shows in the "
+                                         "process list)."),
+        token_file: Path | None = typer.Option(None, help="Read the required bearer token from this file."),
         max_upload_mb: float = typer.Option(10.0, help="Largest accepted upload (MB)."),
         max_pixels: int = typer.Option(40_000_000, help="Largest accepted image (pixels)."),
         max_batch: int = typer.Option(32, help="Largest dynamic batch."),
@@ -176,11 +190,22 @@ def register(app: typer.Typer) -> None:
         follow_model: bool = typer.Option(False, "--follow-model", help="An index generation built with another "
                                           "model (retrained, re-indexed) brings that model along instead of being "
                                           "refused."),
+        threads: int | None = typer.Option(None, help="Compute threads for PyTorch, ONNX Runtime and FAISS "
+                                           "together (default: CTXSIM_THREADS, else the usable cores less one, "
+                                           "kept for the event loop; pools sleep between batches, no spin-waiting; "
+                                           "docs/ARCHITECTURE.md, 'Threads')."),
+        access_log: bool = typer.Option(False, "--access-log", help="Log a line per request (off by default: on a "
+                                        "small model it costs more CPU than the inference)."),
     ) -> None:
-        """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info, GET /metrics); picks
-        up what `ctxsim index add` writes without a restart."""
+        """Serve search/embed over HTTP (POST /search, POST /embed, GET /healthz, GET /info, GET /metrics) and a
+        search page at http://HOST:PORT/ (drop an image, see the top-k, click one for more like it; it asks for the
+        token, if any); picks up what `ctxsim index add` writes without a restart."""
         import logging
+        import os
 
+        # before PyTorch and FAISS load their OpenMP runtimes: idle OpenMP threads sleep instead of spinning against
+        # the event loop (ctxsim.deploy.threads)
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         from ctxsim.cli.console import show_logs
         from ctxsim.deploy.serve import read_token_file, serve
         from ctxsim.errors import ConfigError
@@ -190,11 +215,12 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError("give the token once: --token-file, or --token / CTXSIM_TOKEN")
             token = read_token_file(token_file)
         show_logs(logging.INFO)  # a long-running server says when it reloads the index
-        console.print(f"serving {index_dir} on http://{host}:{port}" + (" (token required)" if token else ""))
+        console.print(f"serving {index_dir} on http://{host}:{port} (search page: http://{host}:{port}/)"
+                      + (" (token required)" if token else ""))
         serve(index_dir, host=host, port=port, token=token, model=model,
               max_upload_bytes=int(max_upload_mb * 1024 * 1024), max_pixels=max_pixels, max_batch=max_batch,
               batch_wait_ms=batch_wait_ms, device=device, reload_every_s=reload_every, precision=precision,
-              compile=compile, follow_model=follow_model)
+              compile=compile, follow_model=follow_model, threads=threads, access_log=access_log)
 
     @app.command("bench", epilog="Example: ctxsim bench runs/omni --limit 2000")
     def bench_cmd(
@@ -204,10 +230,11 @@ def register(app: typer.Typer) -> None:
                                                           "quantised when the export folder has none)."),
         batches: str = typer.Option("1,32", help="Batch sizes; latency at 1, throughput at the largest."),
         index_types: str = typer.Option("flat,ivf,ivfpq,hnsw,torch", help="Index types to measure."),
-        limit: Optional[int] = typer.Option(None, help="At most this many evaluation images."),
-        data: Optional[str] = typer.Option(None, help="Dataset root, if it moved since training."),
-        out: Optional[Path] = typer.Option(None, help="Where bench.json/bench.md go (default RUN_DIR/bench)."),
+        limit: int | None = typer.Option(None, help="At most this many evaluation images."),
+        data: str | None = typer.Option(None, help="Dataset root, if it moved since training."),
+        out: Path | None = typer.Option(None, help="Where bench.json/bench.md go (default RUN_DIR/bench)."),
         device: str = typer.Option("auto", help="auto, cpu or cuda."),
+        threads: int | None = typer.Option(None, help=THREADS_HELP),
     ) -> None:
         """One table for this machine: backend x precision (size, latency, throughput, R@1, ΔR@1), index QPS/recall."""
         from ctxsim.deploy.bench import bench
@@ -217,6 +244,7 @@ def register(app: typer.Typer) -> None:
             bs = tuple(int(b) for b in _csv(batches))
         except ValueError:
             raise ConfigError(f"--batches takes comma-separated integers, got {batches!r}") from None
+        _threads(threads)
         with console.status("benchmarking") as status:
             report = bench(run_dir, backends=tuple(_csv(backends)), batches=bs,
                            index_types=tuple(_csv(index_types)), limit=limit, precisions=tuple(_csv(precisions)),

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
 from ctxsim.cli.console import console, progress_callback
+
+__all__ = ["parity_table", "register"]
 
 
 def parity_table(reports: dict) -> Table:
@@ -40,7 +41,7 @@ def register(app: typer.Typer) -> None:
     @app.command("export", epilog="Example: ctxsim export runs/omni --trt --precision int8 --triton --limit 2000")
     def export_cmd(
         run_dir: Path = typer.Argument(..., help="A run folder from `ctxsim train`."),
-        out: Optional[Path] = typer.Option(None, help="Export folder (default: RUN_DIR/export)."),
+        out: Path | None = typer.Option(None, help="Export folder (default: RUN_DIR/export)."),
         fp16: bool = typer.Option(True, "--fp16/--no-fp16", help="Also write model.fp16.onnx."),
         int8: bool = typer.Option(False, "--int8", help="Also write model.int8.onnx (ONNX Runtime static "
                                                         "quantisation, QDQ; calibrated on --calib or the run's "
@@ -52,16 +53,16 @@ def register(app: typer.Typer) -> None:
                                                       "strongly typed, from the ONNX file of --precision)."),
         precision: str = typer.Option("fp16", help="TensorRT engine precision: fp32 (model.onnx), fp16 "
                                                    "(model.fp16.onnx) or int8 (model.int8.onnx, implies --int8)."),
-        calib: Optional[Path] = typer.Option(None, help="Folder of calibration images for model.int8.onnx (default: "
-                                                        "the run's training images)."),
+        calib: Path | None = typer.Option(None, help="Folder of calibration images for model.int8.onnx (default: "
+                                                     "the run's training images)."),
         max_batch: int = typer.Option(64, help="Largest batch of the engine profile and of Triton."),
         workspace_gb: float = typer.Option(2.0, help="TensorRT builder workspace (GiB)."),
-        timing_cache: Optional[Path] = typer.Option(None, help="TensorRT timing cache file (read and updated)."),
+        timing_cache: Path | None = typer.Option(None, help="TensorRT timing cache file (read and updated)."),
         triton: bool = typer.Option(False, "--triton", help="Write a Triton model repository to OUT/triton."),
         parity: bool = typer.Option(True, "--parity/--no-parity", help="Check parity on evaluation images."),
-        limit: Optional[int] = typer.Option(None, help="At most this many evaluation images for parity."),
-        data: Optional[str] = typer.Option(None, help="Dataset root, if it moved since training."),
-        thresholds: Optional[str] = typer.Option(None, help="Override parity thresholds: key=value,..."),
+        limit: int | None = typer.Option(None, help="At most this many evaluation images for parity."),
+        data: str | None = typer.Option(None, help="Dataset root, if it moved since training."),
+        thresholds: str | None = typer.Option(None, help="Override parity thresholds: key=value,..."),
     ) -> None:
         """Export a run to ONNX (+fp16, +int8, +TensorRT), check parity, write Triton repository and manifest.json.
 
@@ -83,16 +84,17 @@ def register(app: typer.Typer) -> None:
             console.print(parity_table(result.parity))
             raise_if_failed(result.parity)  # ParityFailed: main() prints it and exits 1
 
-    @app.command("parity", epilog="Example: ctxsim parity runs/omni --artifact runs/omni/export/model.fp16.onnx --limit 2000")
+    @app.command("parity",
+                 epilog="Example: ctxsim parity runs/omni --artifact runs/omni/export/model.fp16.onnx --limit 2000")
     def parity_cmd(
         run_dir: Path = typer.Argument(..., help="The run folder the artifact was exported from."),
         artifact: Path = typer.Option(..., help="model.onnx, model.fp16.onnx or model.<precision>.engine."),
-        data: Optional[str] = typer.Option(None, help="Dataset root, if it moved since training."),
-        limit: Optional[int] = typer.Option(None, help="At most this many evaluation images."),
-        precision: Optional[str] = typer.Option(None, help="Thresholds of fp32/fp16/int8 (default: the artifact's)."),
-        thresholds: Optional[str] = typer.Option(None, help="Override thresholds: key=value,... (value none: off)."),
+        data: str | None = typer.Option(None, help="Dataset root, if it moved since training."),
+        limit: int | None = typer.Option(None, help="At most this many evaluation images."),
+        precision: str | None = typer.Option(None, help="Thresholds of fp32/fp16/int8 (default: the artifact's)."),
+        thresholds: str | None = typer.Option(None, help="Override thresholds: key=value,... (value none: off)."),
         json_out: bool = typer.Option(False, "--json", help="Print the report as JSON."),
-        flips_grid: Optional[Path] = typer.Option(None, help="Draw the queries whose top-1 flipped into this PNG."),
+        flips_grid: Path | None = typer.Option(None, help="Draw the queries whose top-1 flipped into this PNG."),
     ) -> None:
         """Compare an artifact with the run's PyTorch model on real evaluation images; writes parity.json.
 

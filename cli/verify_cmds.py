@@ -9,6 +9,8 @@ from rich.table import Table
 
 from ctxsim.cli.console import console, err_console
 
+__all__ = ["register", "report_table"]
+
 _STYLE = {"ok": "[green]ok[/green]", "FAIL": "[red]FAIL[/red]", "-": "[dim]-[/dim]"}
 
 

@@ -1,5 +1,6 @@
 """ctxsim: contextual-similarity metric learning, from training to deployed retrieval."""
-from importlib.metadata import PackageNotFoundError, version as _version
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
 
 try:
     __version__ = _version("ctxsim")

@@ -17,8 +17,8 @@ from ctxsim.errors import ConfigError
 from ctxsim.nets.embedding import ModelSpec
 from ctxsim.schema import check
 
-__all__ = ["DataConfig", "LossConfig", "OptimConfig", "TrainConfig", "resolve_config", "config_from_dict",
-           "parse_set", "load_yaml", "recipe_path", "list_recipes", "validate"]
+__all__ = ["DataConfig", "LossConfig", "OptimConfig", "TrainConfig", "config_from_dict", "list_recipes", "load_yaml",
+           "parse_set", "recipe_path", "resolve_config", "validate"]
 
 
 @dataclass

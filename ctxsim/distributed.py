@@ -1,55 +1,28 @@
 """Data-parallel training helpers: process-group setup from torchrun's environment and a global-batch gather.
 
-Launch: ``torchrun --nproc_per_node N -m ctxsim.cli train ...`` (or ``ctxsim train --gpus N``, which re-launches
-itself through torchrun). torchrun sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and
-``MASTER_PORT``; :func:`init_from_env` reads them. Backend: NCCL when training on CUDA (each process takes
-``cuda:LOCAL_RANK``), gloo on the CPU. Without ``WORLD_SIZE > 1`` nothing is initialised and every helper here is a
-no-op for a single process, so the same code path serves both.
-
-Why a gather. The contextual loss (and every pair-based loss) is a function of the whole batch: each anchor's
-neighbourhood is taken over *all* other embeddings. Computing it per rank on the local chunk would be a different
-loss. So each rank gathers the embeddings and labels of all ranks (the global batch, in rank order, which is
-exactly the single-process batch because the samplers give rank r the r-th contiguous chunk of the global batch)
-and evaluates the loss on the global batch; the gathered copies carry no gradient, the rank's own chunk keeps
-its autograd graph and sits at its own position (:func:`all_gather_with_grad_on_local`).
-
-Gradient scaling, derived. Let the global batch be the concatenation of chunks B_1..B_W (W = world size), the
-loss L(e_1, ..., e_W) with e_r = f_theta(B_r). Single process: dL/dtheta = sum_r (dL/de_r)(de_r/dtheta).
-On rank r, L is computed from the same values, but only e_r is connected to the graph, so backward gives
-g_r = (dL/de_r)(de_r/dtheta): exactly the r-th term of the sum (the gathered copies are bitwise the values the
-other ranks hold). DDP then all-reduces the parameter gradients with a MEAN: (1/W) sum_r g_r = (1/W) dL/dtheta.
-Back-propagating ``W * L`` instead gives sum_r g_r = dL/dtheta, the single-process gradient. (Equivalently, the
-gather's backward could multiply the local gradient by W; the factor must appear exactly once.) The loss value
-that is logged and NaN-checked is the unscaled L, identical on every rank.
-
-Parameters of the loss itself (class proxies) are not wrapped by DDP: each rank computes the *full* gradient of
-L with respect to them (they see the whole global batch), so after back-propagating W * L their gradient is W
-times too large and identical on every rank; the trainer divides it by W (:func:`unscale_local_grads`) and the
-ranks stay in sync without communication.
-
-Caveats (documented, not hidden): BatchNorm in training mode (``model.frozen_bn: false``) normalises with the
-rank's local batch statistics; on CUDA the trainer converts it to SyncBatchNorm so the statistics are global, on
-the CPU (gloo, no SyncBatchNorm) they stay per rank. A loss that draws random numbers itself (a random miner)
-draws them per rank.
+API: ``init_from_env`` (NCCL on CUDA, rank r on ``cuda:LOCAL_RANK``; gloo on the CPU; a no-op for one process),
+``all_gather_with_grad_on_local`` (the global batch in rank order, gradient kept on this rank's chunk, so the
+contextual loss sees what a single process sees), ``unscale_local_grads`` (loss parameters outside DDP). The loss
+is back-propagated as world size x L so that DDP's mean all-reduce gives the single-process gradient. Launch,
+derivation and caveats (BatchNorm statistics, losses that draw random numbers): docs/DISTRIBUTED.md.
 """
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "DistInfo", "env_world_size", "init_from_env", "is_initialized", "get_rank", "get_world_size", "is_main",
-    "choose_backend", "barrier", "broadcast_object", "broadcast_tensors", "all_gather_with_grad_on_local", "all_gather_no_grad",
-    "unscale_local_grads", "shutdown",
-]
+__all__ = ["DistInfo", "all_gather_no_grad", "all_gather_with_grad_on_local", "barrier", "broadcast_object",
+           "broadcast_tensors", "choose_backend", "env_world_size", "get_rank", "get_world_size", "init_from_env",
+           "is_initialized", "is_main", "shutdown", "unscale_local_grads"]
 
 #: Collective timeout; rank 0 evaluates alone while the others wait, so it must cover one evaluation.
 TIMEOUT_MINUTES = float(os.environ.get("CTXSIM_DIST_TIMEOUT_MIN", "60"))

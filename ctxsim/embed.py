@@ -1,16 +1,22 @@
 """Embed a dataset with a PyTorch embedding network, batch by batch, into a float32 array."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
+
+if TYPE_CHECKING:
+    from ctxsim.data.datasets import ImageDataset
+
+__all__ = ["embed_dataset"]
 
 
 @torch.no_grad()
-def embed_dataset(model: torch.nn.Module, dataset: Dataset, batch_size: int = 256, device: str | torch.device = "cpu",
-                  num_workers: int = 0, amp_dtype: torch.dtype | None = None,
+def embed_dataset(model: torch.nn.Module, dataset: ImageDataset, batch_size: int = 256,
+                  device: str | torch.device = "cpu", num_workers: int = 0, amp_dtype: torch.dtype | None = None,
                   progress: Callable[[int, int], None] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Return (embeddings [N, D] float32, labels [N] int64) in dataset order; the model is put in eval mode."""
     device = torch.device(device)

@@ -1,6 +1,9 @@
 """User-facing errors: one line that says what went wrong and what to do; the CLI prints them and exits 2 (1 for
 ParityFailed, a verdict)."""
 
+__all__ = ["ArtifactError", "ConfigError", "CtxsimError", "DataError", "FingerprintMismatch", "ImageRefused",
+           "ImageTooLarge", "MissingDependency", "NonFiniteEmbedding", "ParityFailed", "TrainingDiverged"]
+
 
 class CtxsimError(Exception):
     """Base class of every error a user can fix by changing input, options or installed packages."""

@@ -1,28 +1,17 @@
 """Retrieval metrics (Recall@K, MAP@R, R-precision) as pure functions of embeddings and labels, chunked.
 
-Definitions (Musgrave, Belongie and Lim, "A Metric Learning Reality Check", ECCV 2020), matching
-``pytorch_metric_learning.utils.accuracy_calculator.AccuracyCalculator``:
-
-- The gallery is ``embeddings``; the queries are either the gallery itself (leave-one-out: a query never
-  retrieves its own entry) or a separate ``query_embeddings`` set.
-- R of a query = the number of gallery items with its label (minus itself in leave-one-out).
-- Queries with R = 0 ("lone" queries: nothing to find) are skipped by *every* metric, as AccuracyCalculator
-  does; their number is logged. If every query is lone, a DataError is raised (AccuracyCalculator returns NaN).
-- Recall@K: fraction of queries with at least one same-label item among their K nearest neighbours (the
-  usual deep-metric-learning "recall"; R@1 equals AccuracyCalculator's ``precision_at_1``). When K exceeds
-  the gallery size, all neighbours are used.
-- R-precision: (same-label items among the first R neighbours) / R, averaged over queries.
-- MAP@R: (1/R) * sum_{i<=R} P(i) * rel(i), where rel(i) says whether neighbour i has the query's label and
-  P(i) is the precision over the first i neighbours; averaged over queries.
-
-Memory: the search never builds a Q x N matrix. Queries are processed in chunks (sorted by R), each needing
-O(chunk x N) scores plus O(chunk x k_chunk) neighbours, where k_chunk = max(max(ks), largest R in the chunk);
-a class with a huge R only makes its own chunks wide (and narrower in rows). Nothing of size Q x k is kept.
+Definitions of Musgrave et al. ("A Metric Learning Reality Check", ECCV 2020), as pytorch-metric-learning's
+``AccuracyCalculator``: queries are the gallery itself (leave-one-out) or a separate set; R = gallery items of the
+query's label; queries with R = 0 are skipped by every metric (logged; DataError when all are). Recall@K: some
+same-label item among the K nearest (R@1 = ``precision_at_1``); R-precision: same-label share of the first R;
+MAP@R: (1/R) sum_{i<=R} P(i) rel(i). API: ``retrieval_metrics``. Queries are processed in chunks sorted by R, each
+O(chunk x N) scores plus O(chunk x max(max(ks), R)) neighbours: never a Q x N matrix, nothing of size Q x k kept.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +19,7 @@ import torch
 from ctxsim.errors import ConfigError, DataError
 from ctxsim.knn import DEFAULT_CHUNK_BYTES, ExactSearcher
 
-__all__ = ["retrieval_metrics", "format_metrics"]
+__all__ = ["format_metrics", "retrieval_metrics"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +31,7 @@ _BYTES_PER_NEIGHBOUR = 48
 
 
 def _as_labels(labels: ArrayLike, n: int, name: str) -> np.ndarray:
-    if isinstance(labels, torch.Tensor):
-        arr = labels.detach().cpu().numpy()
-    else:
-        arr = np.asarray(labels)
+    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
     if arr.ndim != 1:
         raise ConfigError(f"{name} must be one label per item (1-D), got shape {arr.shape}")
     if len(arr) != n:
@@ -148,7 +134,7 @@ def retrieval_metrics(
     def k_for(last: int) -> int:
         return int(min(available, max(max_k, int(r_sorted[last]))))
 
-    hits = {k: 0 for k in ks_sorted}
+    hits = dict.fromkeys(ks_sorted, 0)
     ap_sum = 0.0
     rp_sum = 0.0
     total = len(order)

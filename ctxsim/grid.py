@@ -5,9 +5,10 @@ and `ctxsim parity --flips-grid` draw; it lives in the core so that every stage 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -15,7 +16,7 @@ from ctxsim.data.images import open_image
 from ctxsim.errors import ConfigError
 from ctxsim.io import atomic_path
 
-__all__ = ["Neighbor", "QueryResult", "write_grid", "grid_size", "GRID_BORDER", "GRID_CAPTION"]
+__all__ = ["GRID_BORDER", "GRID_CAPTION", "Neighbor", "QueryResult", "grid_size", "write_grid"]
 
 
 class Neighbor(NamedTuple):
@@ -63,7 +64,7 @@ def _thumb(src: Any, thumb: int) -> Image.Image:
         return Image.new("RGB", (thumb, thumb), (220, 220, 220))
     scale = thumb / max(im.width, im.height)  # small images (digits, Omniglot) are enlarged to fill the cell
     im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
-                   Image.NEAREST if scale > 1 else Image.BILINEAR)
+                   Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BILINEAR)
     canvas = Image.new("RGB", (thumb, thumb), (255, 255, 255))
     canvas.paste(im, ((thumb - im.width) // 2, (thumb - im.height) // 2))
     return canvas

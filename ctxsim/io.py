@@ -22,8 +22,13 @@ import signal
 import socket
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
+
+__all__ = ["FAULT_ENV", "REUSED_PID_AFTER_S", "STALE_AFTER_S", "atomic_path", "atomic_write_bytes", "atomic_write_json",
+           "atomic_write_safetensors", "atomic_write_text", "fault_point", "read_json", "sha256_file",
+           "sweep_stale_temps"]
 
 FAULT_ENV = "CTXSIM_FAULT"
 _fault_hits: dict[str, int] = {}
@@ -84,14 +89,15 @@ def _is_stale(name: str, age: float) -> bool:
     return bool(_LEGACY_TMP.match(name)) and age > STALE_AFTER_S
 
 
-def sweep_stale_temps(folder: str | os.PathLike) -> list[Path]:
+def sweep_stale_temps(folder: str | os.PathLike[str]) -> list[Path]:
     """Remove temporaries of ctxsim's naming left in ``folder`` by killed writers; returns what was removed.
 
     A temporary of this host (same hostname, boot and pid namespace) is stale as soon as the pid in its name is
     dead; any other of ctxsim's pattern (another host's, or an older ctxsim's without a pid) only once untouched
     for ``STALE_AFTER_S``. A concurrent writer's temporary is therefore never removed. Other files are never touched.
     """
-    removed, now = [], time.time()
+    removed: list[Path] = []
+    now = time.time()
     try:
         entries = list(os.scandir(folder))
     except OSError:

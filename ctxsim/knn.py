@@ -1,34 +1,25 @@
 """Exact k-nearest-neighbour search by inner product, chunked so that no full N x N matrix is ever built.
 
-One interface, two backends:
-
-- ``"torch"``: for each block of queries, ``block @ gallery.T`` followed by ``torch.topk``. Memory is
-  O(chunk x N); the chunk (number of query rows) is picked from a memory budget (:data:`DEFAULT_CHUNK_BYTES`).
-  CUDA tensors stay on their device; nothing here requires a GPU.
-- ``"faiss"``: ``faiss.IndexFlatIP`` (exact), also searched block by block. Inputs are moved to the CPU.
-
-``"auto"`` means ``"torch"``. Reasons: torch is a core dependency and always importable, whereas FAISS is
-optional; torch gives the same results (ties included) whether the data sit on the CPU or a GPU and
-keeps CUDA tensors where they are; for *exact* search FAISS-CPU is no faster than a BLAS matmul + top-k; and
-keeping one default means evaluation numbers never depend on which optional packages happen to be installed.
-Pass ``backend="faiss"`` to use FAISS explicitly (the deploy stage's approximate indexes live elsewhere).
-
-Similarity is the plain inner product, which is cosine similarity for the L2-normalised float32 embeddings
-of the contracts (normalisation is assumed, not checked). Results are sorted by decreasing score. Ties:
-the order among equal scores is whatever ``torch.topk`` (or FAISS) returns; it is deterministic for a given
-backend, device and chunk size, but not specified, so tied neighbours may come in any order.
+API: ``knn(queries, gallery, k)``, ``ExactSearcher`` (one gallery, searched block by block), ``auto_chunk_size``.
+Backends: ``"torch"`` (``block @ gallery.T`` + ``torch.topk``, chunk rows from :data:`DEFAULT_CHUNK_BYTES`, CUDA
+tensors stay on their device) and ``"faiss"`` (``IndexFlatIP``, on the CPU). ``"auto"`` is torch: always
+installed, the same results on CPU and GPU, no slower than FAISS-CPU for exact search, and evaluation numbers
+never depend on optional packages. Similarity is the plain inner product (cosine for the contracts' L2-normalised
+embeddings, not checked); results are sorted by decreasing score, tied neighbours in an unspecified (but, for a
+given backend, device and chunk size, deterministic) order. Approximate indexes: ``ctxsim.deploy.index``.
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from ctxsim.errors import ConfigError, MissingDependency
 
-__all__ = ["knn", "ExactSearcher", "auto_chunk_size", "DEFAULT_CHUNK_BYTES", "BACKENDS"]
+__all__ = ["BACKENDS", "DEFAULT_CHUNK_BYTES", "ExactSearcher", "auto_chunk_size", "knn"]
 
 #: Memory budget of one chunk of the query x gallery score matrix (and its top-k work space), in bytes.
 DEFAULT_CHUNK_BYTES = 256 * 1024 * 1024
@@ -46,7 +37,7 @@ def auto_chunk_size(n_gallery: int, k: int = 1, budget_bytes: int = DEFAULT_CHUN
 
 def _faiss():
     try:
-        import faiss  # noqa: PLC0415 - optional dependency, imported on demand
+        import faiss  # optional dependency, imported on demand
     except ImportError as exc:  # pragma: no cover - faiss-cpu is a declared dependency
         raise MissingDependency(
             "backend='faiss' needs FAISS: pip install faiss-cpu (or ctxsim[gpu]), or use backend='torch'"
@@ -97,7 +88,7 @@ class ExactSearcher:
         self.gallery = _as_embeddings(gallery, "gallery")
         self.n, self.dim = self.gallery.shape
         self.device = self.gallery.device
-        self._index = None
+        self._index: Any = None  # the FAISS index of the faiss backend
         if self.backend == "faiss":
             faiss = _faiss()
             self._index = faiss.IndexFlatIP(self.dim)
@@ -177,10 +168,7 @@ def knn(
     if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or k < 1:
         raise ConfigError(f"k must be an integer >= 1, got {k!r}")
     searcher = ExactSearcher(gallery, backend=backend)
-    if exclude_self and queries is gallery:
-        q = searcher.gallery
-    else:
-        q = searcher.check_queries(queries)
+    q = searcher.gallery if exclude_self and queries is gallery else searcher.check_queries(queries)
     k = int(k)
     if exclude_self and q.shape[0] != searcher.n:
         raise ConfigError(

@@ -1,8 +1,8 @@
 """Operations on a finished run folder: evaluate its model on the held-out classes of its data."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -12,6 +12,8 @@ from ctxsim.errors import ArtifactError
 from ctxsim.evaluate import retrieval_metrics
 from ctxsim.io import atomic_write_json
 from ctxsim.nets import load_run
+
+__all__ = ["evaluate_model", "evaluate_run", "run_config"]
 
 
 def evaluate_model(model: torch.nn.Module, split, ks=(1, 2, 4, 8), batch_size: int = 256, device="cpu",

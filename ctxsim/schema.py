@@ -8,11 +8,13 @@ dataclasses (built from a mapping; unknown keys refused, missing required ones n
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import types
 import typing
-from typing import Any, Callable, Literal, Mapping, Union, get_args, get_origin
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, Union, get_args, get_origin
 
 from ctxsim.errors import ConfigError, CtxsimError
 
@@ -89,7 +91,7 @@ def _fail(name: str, type_: Any, value: Any) -> _Mismatch:
     return _Mismatch(f"{name} must be {describe(type_)}, got {_show(value)}")
 
 
-def _check(v: Any, tp: Any, name: str, lenient: bool) -> Any:  # noqa: C901 - one branch per kind of type
+def _check(v: Any, tp: Any, name: str, lenient: bool) -> Any:  # one branch per kind of type
     origin, args = get_origin(tp), get_args(tp)
     if tp is Any or tp is object:
         return v
@@ -131,10 +133,8 @@ def _check(v: Any, tp: Any, name: str, lenient: bool) -> Any:  # noqa: C901 - on
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             number = float(v)
         elif lenient and isinstance(v, str):
-            try:
+            with contextlib.suppress(ValueError):
                 number = float(v.strip())
-            except ValueError:
-                pass
         if number is None:
             raise _fail(name, tp, v)
         if not math.isfinite(number):

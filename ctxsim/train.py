@@ -1,24 +1,13 @@
 """The Trainer: m-per-class batches, the chosen loss, AMP, schedules, evaluation, atomic checkpoints, exact resume, DDP.
 
-One optimisation step is :meth:`Trainer.train_step` (used by :meth:`Trainer.fit` and by benchmarks/train_speed.py).
-On CUDA it runs the network under bf16 autocast (``amp: auto``) in channels_last layout, optionally with the backbone
-compiled (``compile: true``), and a fused Adam/AdamW; the loss always runs in float32. The only host sync per step
-is one ``.item()`` (after backward, before the optimizer step) for the NaN check.
-
-Distributed data parallel (launched by torchrun; see ``ctxsim.distributed``): each rank trains on its contiguous
-chunk of the global m-per-class batch, the loss sees the global batch (embeddings gathered, gradient kept on the
-local chunk, loss scaled by the world size so DDP's mean all-reduce gives the single-process gradient). Rank 0
-alone writes config, checkpoints, metrics and the final model, drives the callback and evaluates (the other ranks
-wait for its record, which is broadcast so every rank returns the same RunResult). Model initialisation uses the
-same seed on every rank (DDP also broadcasts rank 0's weights); the per-epoch augmentation seed is
-``seed * 100003 + epoch + 1000003 * rank``, so ranks draw different augmentations and rank 0 draws what a single
-process would.
-
-Checkpoints (docs/RELIABILITY.md): ``checkpoints/last.safetensors`` is one file, written atomically, holding the
-weights, the trainer state (optimizer, scheduler, scaler, loss, epoch, the metrics history and the best-so-far
-record) and a sha256 of its data; its replacement at the end of an epoch is the one commit point. What follows it,
-``checkpoints/best.safetensors`` and ``metrics.jsonl``, is derived from it and repaired on resume, so resume after
-a kill at any point continues exactly, or refuses with one line.
+API: ``Trainer`` (``train_step``: one optimisation step, also used by benchmarks/train_speed.py; ``fit``;
+``evaluate``), ``train`` / ``resume`` / ``check_config``. On CUDA the network runs under bf16 autocast in
+channels_last (the backbone compiled with ``compile: true``) with a fused Adam/AdamW; the loss always runs in
+float32; the one host sync per step is the NaN check's ``.item()``. Under torchrun every rank trains on its chunk
+of the global batch and the loss sees the whole batch (``ctxsim.distributed``); rank 0 alone writes, evaluates and
+broadcasts its record (docs/DISTRIBUTED.md). ``checkpoints/last.safetensors`` (weights, trainer state, sha256) is
+the one commit point of an epoch; ``best.safetensors`` and ``metrics.jsonl`` are repaired from it on resume, so a
+run killed anywhere resumes exactly or refuses with one line (docs/RELIABILITY.md).
 """
 from __future__ import annotations
 
@@ -30,14 +19,15 @@ import math
 import random
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import safetensors.torch
 import torch
 import yaml
-import safetensors.torch
 
 from ctxsim import distributed as dist_utils
 from ctxsim.config import TrainConfig, config_from_dict, load_yaml
@@ -47,6 +37,13 @@ from ctxsim.losses import build_loss
 from ctxsim.losses import get_loss_class as build_loss_class
 from ctxsim.nets import EmbeddingNet, load_weights_file, save_model
 from ctxsim.runs import evaluate_model
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+__all__ = ["CHECKPOINT_FORMAT", "Callback", "Checkpoint", "RunResult", "Trainer", "amp_dtype", "check_config",
+           "pick_device", "read_best", "read_checkpoint", "read_history", "resume", "seed_everything", "train",
+           "write_checkpoint"]
 
 log = logging.getLogger(__name__)
 Callback = Callable[..., None]  # callback(event: str, **info)
@@ -125,7 +122,7 @@ def read_checkpoint(run_dir: str | Path) -> Checkpoint:
         tensors = safetensors.torch.load(data)
         blob = tensors.pop(_STATE_KEY)
         state = torch.load(io.BytesIO(blob.numpy().tobytes()), map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the readers raise, the checkpoint is damaged
         raise ArtifactError(f"{path} is damaged ({e.__class__.__name__}); restore it from a copy or start the run "
                             "again") from None
     try:
@@ -151,7 +148,7 @@ def _read_legacy_checkpoint(run_dir: Path, data: bytes, meta: dict[str, str]) ->
     try:
         weights = safetensors.torch.load(data)
         state = torch.load(ck / _LEGACY_STATE, map_location="cpu", weights_only=True)
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever the readers raise, the checkpoint is damaged
         raise ArtifactError(f"{ck} holds a damaged old-layout checkpoint ({e.__class__.__name__}); "
                             "start the run again with `ctxsim train`") from None
     epoch = int(state["epoch"])
@@ -163,7 +160,7 @@ def _read_legacy_checkpoint(run_dir: Path, data: bytes, meta: dict[str, str]) ->
         history = []
     if [r["epoch"] for r in history] != list(range(1, epoch + 1)):
         raise ArtifactError(refuse.format(f"metrics.jsonl does not hold epochs 1-{epoch}"))
-    best = None
+    best: dict[str, Any] | None = None
     if (ck / _LEGACY_BEST).exists():
         try:
             b = read_json(ck / _LEGACY_BEST)
@@ -290,9 +287,9 @@ class Trainer:
         groups = [{"params": self.model.backbone_parameters(), "lr": o.lr * o.backbone_lr_scale},
                   {"params": self.model.head_parameters(), "lr": o.lr}]
         opt_cls = torch.optim.AdamW if o.optimizer == "adamw" else torch.optim.Adam
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        self.optimizer = opt_cls(groups, weight_decay=o.weight_decay, **fused)
-        self.loss_optimizer = (torch.optim.Adam(self.loss.parameters(), lr=cfg.loss.lr, weight_decay=1e-4, **fused)
+        fused = True if self.device.type == "cuda" else None  # None: torch's default implementation
+        self.optimizer = opt_cls(groups, weight_decay=o.weight_decay, fused=fused)
+        self.loss_optimizer = (torch.optim.Adam(self.loss.parameters(), lr=cfg.loss.lr, weight_decay=1e-4, fused=fused)
                                if getattr(self.loss, "uses_proxies", False) else None)
         self.scheduler = self._scheduler()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
@@ -300,7 +297,7 @@ class Trainer:
         self.step_in_epoch = 0
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] | None = None  # {"epoch", "metric", "value"} of the best R@1 so far
-        self.tb = None
+        self.tb: SummaryWriter | None = None
 
     def _scheduler(self) -> torch.optim.lr_scheduler.LRScheduler:
         o, sched = self.cfg.optim, torch.optim.lr_scheduler
@@ -336,6 +333,7 @@ class Trainer:
 
     def _save_best(self, weights: dict[str, torch.Tensor] | None = None) -> None:
         b = self.best
+        assert b is not None, "no best epoch to save yet"
         atomic_write_safetensors(self.run_dir / "checkpoints" / BEST, weights or self._weights(),
                                  {"epoch": str(b["epoch"]), "metric": b["metric"], "value": repr(b["value"])})
 

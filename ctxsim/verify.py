@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = ["Check", "VerifyReport", "verify_run"]
+
 OK, FAIL, NONE = "ok", "FAIL", "-"
 
 

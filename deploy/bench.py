@@ -1,39 +1,35 @@
 """One benchmark table per machine: backend x precision (speed, size, retrieval accuracy) and index type (QPS, recall).
 
-``bench(run_dir)`` measures, for each backend (torch, onnx, tensorrt) and precision (fp32, fp16):
-
-- status: ``ok``, ``skipped: <reason>`` (e.g. "TensorRT not installed", "fp16 needs CUDA") or ``failed: <reason>``;
-- artifact file size; latency p50/p99 of one preprocessed image (batch 1, the runner only, no decoding);
-- throughput (images/s) of the runner at the largest batch size;
-- R@1 and MAP@R on the run's evaluation split, embedding the decoded images through the full Embedder (its own
-  recorded preprocessing), and ΔR@1 against the PyTorch fp32 reference;
-
-and, for each index type, search QPS (all queries in one batch, and one query at a time) and recall@10 against
-exact search, over the reference embeddings of the evaluation split (queries = the gallery itself).
-
-The ONNX artifacts come from ``run_dir/export`` when present (``model.onnx``, ``model.fp16.onnx``), otherwise
-they are exported into a temporary folder with ``ctxsim.export.export_onnx``. TensorRT engines come from
-``run_dir/export/model.<precision>.engine``, otherwise they are built from model.onnx with
-``ctxsim.export.tensorrt.build_engine`` when TensorRT and a GPU are present. Results are written (atomically)
-as ``bench.json`` and ``bench.md``.
+``bench(run_dir)``: for each backend (torch, onnx, tensorrt) and precision, a status (ok, skipped: reason,
+failed: reason), the artifact's size, p50/p99 latency of one preprocessed image (the runner only), throughput at
+the largest batch, and R@1 / MAP@R on the run's evaluation split through the full Embedder with ΔR@1 against
+PyTorch fp32; for each index type, QPS (batched and one query at a time) and recall@10 against exact search over
+the reference embeddings. Artifacts come from ``run_dir/export`` when present, else are exported (or, with
+TensorRT and a GPU, built) into a temporary folder. Written atomically as ``bench.json`` and ``bench.md``; the
+tables per machine: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
 from ctxsim.io import atomic_write_json, atomic_write_text
 
-__all__ = ["BenchReport", "BackendRow", "SearchRow", "bench", "machine_info", "markdown_table"]
+if TYPE_CHECKING:
+    from ctxsim.deploy.index import Index
+
+__all__ = ["BackendRow", "BenchReport", "SearchRow", "bench", "machine_info", "markdown_table"]
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +162,11 @@ def machine_info() -> dict:
 def _reason(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
     return f"{type(e).__name__}: {msg}"[:200]
+
+
+def _one_by_one(index: Index, queries: np.ndarray, k: int = 10) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Search ``queries`` one at a time (what a server without batching does)."""
+    return [index.search(queries[i:i + 1], k) for i in range(len(queries))]
 
 
 def _timeit(fn: Callable[[], Any], min_reps: int, max_reps: int, budget_s: float) -> list[float]:
@@ -302,18 +303,18 @@ def bench(run_dir: str | os.PathLike, backends: Sequence[str] = BACKENDS, batche
                     else:
                         art = _engine_artifact(run_dir, precision, tmp)
                         row.size_mb = art.stat().st_size / 1e6
-                    emb = Embedder.from_artifact(art, device=dev, batch_size=big,
-                                                 **({"precision": precision} if backend == "torch" else {}))
+                    options: dict[str, Any] = {"precision": precision} if backend == "torch" else {}
+                    emb = Embedder.from_artifact(art, device=dev, batch_size=big, **options)
                     row.artifact, row.runner = str(art), emb.backend
                     if emb.fingerprint != card.fingerprint:
                         raise ConfigError(f"artifact fingerprint {emb.fingerprint} != run {card.fingerprint}")
                     one = emb.preprocess(images[:1])
-                    t1 = _timeit(lambda: emb.run(one), 10, 500, time_budget_s)
+                    t1 = _timeit(functools.partial(emb.run, one), 10, 500, time_budget_s)
                     row.latency_p50_ms = float(np.percentile(t1, 50) * 1e3)
                     row.latency_p99_ms = float(np.percentile(t1, 99) * 1e3)
                     reps = (images * (big // max(len(images), 1) + 1))[:big]
                     xb = emb.preprocess(reps)
-                    tb = _timeit(lambda: emb.run(xb), 3, 100, time_budget_s)
+                    tb = _timeit(functools.partial(emb.run, xb), 3, 100, time_budget_s)
                     row.batch, row.throughput_ips = big, float(big / np.median(tb))
                     e = emb.embed(images)
                     m = retrieval_metrics(e, labels, ks=(1,))
@@ -322,7 +323,7 @@ def bench(run_dir: str | os.PathLike, backends: Sequence[str] = BACKENDS, batche
                         ref_emb, ref_r1 = e, row.r_at_1
                     elif ref_emb is None:
                         ref_emb = e
-                except Exception as ex:  # noqa: BLE001 - a row that fails is reported, the bench goes on
+                except Exception as ex:  # a row that fails is reported, the bench goes on
                     logger.debug("bench row %s/%s failed", backend, precision, exc_info=True)
                     row.status = f"failed: {_reason(ex)}"
         for row in report.rows:
@@ -333,6 +334,7 @@ def bench(run_dir: str | os.PathLike, backends: Sequence[str] = BACKENDS, batche
         say("embedding the evaluation split with the PyTorch model for the index rows")
         ref_emb = Embedder.from_artifact(run_dir, device=dev, batch_size=big).embed(images)
     for t in index_types:
+        assert ref_emb is not None  # embedded above whenever there are index rows
         srow = SearchRow(t, "ok")
         report.search.append(srow)
         say(f"index {t}")
@@ -340,20 +342,19 @@ def bench(run_dir: str | os.PathLike, backends: Sequence[str] = BACKENDS, batche
             t0 = time.perf_counter()
             idx = Index.from_embeddings(ref_emb, t)
             srow.build_s = time.perf_counter() - t0
-            srow.params = {k: v for k, v in idx.info.params.items()}
+            srow.params = dict(idx.info.params)
             q = ref_emb
-            tb = _timeit(lambda: idx.search(q, 10), 2, 20, time_budget_s)
+            tb = _timeit(functools.partial(idx.search, q, 10), 2, 20, time_budget_s)
             srow.qps_batch = float(len(q) / np.median(tb))
             singles = q[: min(200, len(q))]
-            ts = _timeit(lambda: [idx.search(singles[i:i + 1], 10) for i in range(len(singles))], 1, 10,
-                         time_budget_s)
+            ts = _timeit(functools.partial(_one_by_one, idx, singles), 1, 10, time_budget_s)
             srow.qps_single = float(len(singles) / np.median(ts))
             _, approx = idx.search(q, 10)
             _, exact = idx.exact_search(q, 10)
             kk = exact.shape[1]
             srow.recall_at_10 = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / kk
                                                for a, b in zip(approx, exact)]))
-        except Exception as ex:  # noqa: BLE001
+        except Exception as ex:
             logger.debug("bench index %s failed", t, exc_info=True)
             srow.status = f"failed: {_reason(ex)}"
 

@@ -13,6 +13,10 @@
   runner's contract;
 - a ``.engine`` / ``.plan`` / ``.trt`` file -> the TensorRT runner of ``ctxsim.export``.
 
+Threads: opening an Embedder applies ``ctxsim.deploy.threads``'s policy (PyTorch, ONNX Runtime without spin-waiting,
+FAISS/OpenMP; ``threads=N``, default the usable cores) the first time in a process or whenever ``threads`` is
+given; ``.threads`` is the policy its sessions were opened with.
+
 ``open_index_model(info, model)`` is the Embedder of an index: ``model`` or the one index.json names, refused
 (FingerprintMismatch) when it is not the model that built the index.
 
@@ -36,8 +40,9 @@ import io
 import logging
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,12 +51,12 @@ from PIL import Image
 from ctxsim.data.device_decode import JPEG_SUFFIXES
 from ctxsim.data.images import image_errors
 from ctxsim.data.transforms import Preprocess, eval_transform
+from ctxsim.deploy.gallery import load_image
+from ctxsim.deploy.threads import ThreadPolicy, ensure_threads, ort_session_config
 from ctxsim.errors import ArtifactError, ConfigError, DataError, MissingDependency, NonFiniteEmbedding
 from ctxsim.export.contract import preprocess_batch
 from ctxsim.export.manifest import check_artifact
 from ctxsim.export.runners import open_runner, resolve_artifact
-
-from ctxsim.deploy.gallery import load_image
 
 __all__ = ["Embedder", "as_embedder", "open_index_model", "resolve_device"]
 
@@ -80,7 +85,8 @@ def set_precision(model: torch.nn.Module, precision: str) -> torch.dtype:
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if dtype != torch.float32:
         for part in (model.backbone, model.pool):
-            part.to(dtype=dtype, memory_format=torch.channels_last)
+            part.to(dtype=dtype)
+            part.to(memory_format=torch.channels_last)
     return dtype
 
 
@@ -156,10 +162,10 @@ class _TorchBackend:
 class _RunnerBackend:
     """ONNX Runtime or TensorRT through ``ctxsim.export``'s runner and preprocessing contract."""
 
-    def __init__(self, path: Path, kind: str, device: str) -> None:
+    def __init__(self, path: Path, kind: str, device: str, policy: ThreadPolicy | None = None) -> None:
         check_artifact(path)  # bytes other than the manifest beside it records: refused before they are run
         try:
-            runner = open_runner(path, device=device)
+            runner = open_runner(path, device=device, session_config=ort_session_config(policy))
         except MissingDependency:
             raise
         except ImportError as e:  # the TensorRT runner imports tensorrt / cuda bindings
@@ -202,7 +208,7 @@ class Embedder:
     """Embeds images with one model artifact; see the module docstring."""
 
     def __init__(self, backend: Any, kind: str, artifact: Path, batch_size: int = 64,
-                 device_decode: bool = False) -> None:
+                 device_decode: bool = False, threads: ThreadPolicy | None = None) -> None:
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         self._b = backend
@@ -214,6 +220,7 @@ class Embedder:
         self.contract: dict = backend.contract
         self.preprocess_spec: Preprocess = backend.preprocess_spec
         self._dim: int | None = backend.dim
+        self.threads: ThreadPolicy | None = threads
         self._device_transform = None
         if device_decode:
             if kind != "torch":
@@ -230,10 +237,15 @@ class Embedder:
 
     @classmethod
     def from_artifact(cls, path: str | os.PathLike, device: str = "auto", compile: bool | str = False,
-                      batch_size: int = 64, precision: str = "fp32", device_decode: bool = False) -> "Embedder":
-        """Open a run folder (PyTorch), a .onnx file / export folder (ONNX Runtime) or an engine (TensorRT)."""
-        kind, p = resolve_artifact(path)
+                      batch_size: int = 64, precision: str = "fp32", device_decode: bool = False,
+                      threads: int | None = None) -> Embedder:
+        """Open a run folder (PyTorch), a .onnx file / export folder (ONNX Runtime) or an engine (TensorRT).
+        ``threads``: apply the thread policy for that many threads (``ctxsim.deploy.threads``; None: the policy in
+        force, or the default one if none was applied yet)."""
+        kind, p = resolve_artifact(Path(path))
         dev = resolve_device(device)
+        policy = ensure_threads(threads)
+        backend: _TorchBackend | _RunnerBackend
         if kind == "torch":
             backend = _TorchBackend(p, dev, compile, batch_size, precision)
         else:
@@ -242,8 +254,8 @@ class Embedder:
                                   "built in (model.fp16.onnx, an fp16/int8 engine)")
             if compile:
                 logger.info("compile applies to the torch backend only; ignored for %s", kind)
-            backend = _RunnerBackend(p, kind, dev)
-        return cls(backend, kind, p, batch_size, device_decode)
+            backend = _RunnerBackend(p, kind, dev, policy)
+        return cls(backend, kind, p, batch_size, device_decode, policy)
 
     @property
     def dim(self) -> int:
@@ -298,8 +310,8 @@ class Embedder:
         from ctxsim.deploy.gallery import load_images
 
         if self._device_transform is None:
-            images, ok, bad = load_images(paths)
-            return self.embed(images), ok, bad
+            images, positions, unreadable = load_images(paths)
+            return self.embed(images), positions, unreadable
         rows: dict[int, torch.Tensor] = {}
         bad: list[tuple[str, str]] = []
         jpegs: list[tuple[int, torch.Tensor]] = []

@@ -16,9 +16,10 @@ is over the decoding limits of :mod:`ctxsim.data.limits` (refused from its heade
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from PIL import Image
 
@@ -27,7 +28,7 @@ from ctxsim.data.images import as_l_or_rgb, image_errors, open_image, read_list_
 from ctxsim.data.limits import check_image_size
 from ctxsim.errors import DataError
 
-__all__ = ["GalleryItem", "Gallery", "open_gallery", "load_image", "load_images"]
+__all__ = ["Gallery", "GalleryItem", "load_image", "load_images", "open_gallery"]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,13 @@
 
 - ``ctxsim_requests_total{path, status}`` and ``ctxsim_request_seconds{path}``: every HTTP request, refused ones
   (401, 413) included, timed from the first byte in to the last byte out;
-- ``ctxsim_batch_size`` and ``ctxsim_batch_seconds``: each dynamic batch the worker embedded (and searched);
+- ``ctxsim_batch_size`` and ``ctxsim_batch_seconds``: each dynamic batch the worker decoded, embedded (and searched);
+- ``ctxsim_queue_wait_seconds``: per request, from its upload being handed to the batcher to its batch starting;
+  ``ctxsim_decode_seconds``: per upload, decoding it (in the batch worker); ``ctxsim_queue_depth``: requests
+  waiting for a batch, read when scraped;
+- ``process_cpu_seconds_total``, ``process_resident_memory_bytes``, ...: the server process (Linux; prometheus
+  client's process collector), so CPU per request is ``rate(process_cpu_seconds_total) /
+  rate(ctxsim_requests_total)``;
 - ``ctxsim_nonfinite_embeddings_total``: images the model embedded as NaN or inf (each such request got 500);
 - ``ctxsim_index_items``, ``ctxsim_index_generation``, ``ctxsim_index_reloads_total``,
   ``ctxsim_index_reload_failures_total``: the served index, read when scraped.
@@ -10,7 +16,8 @@
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ctxsim.errors import MissingDependency
 
@@ -22,7 +29,7 @@ class ServeMetrics:
 
     def __init__(self, max_batch: int, index_info: Callable[[], Any], reload_stats: Callable[[], dict]) -> None:
         try:
-            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
         except ImportError:
             raise MissingDependency("serving needs prometheus-client: pip install 'ctxsim[serve]'") from None
         self.registry = CollectorRegistry()
@@ -35,6 +42,15 @@ class ServeMetrics:
                                     buckets=[s for s in sizes if s <= max_batch])
         self.batch_seconds = Histogram("ctxsim_batch_seconds", "time to embed (and search) one batch", registry=r,
                                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1))
+        fine = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1)
+        self.queue_wait = Histogram("ctxsim_queue_wait_seconds", "time a request waited for its batch to start",
+                                    registry=r, buckets=fine)
+        self.decode_seconds = Histogram("ctxsim_decode_seconds", "time to decode one upload", registry=r,
+                                        buckets=fine)
+        self.queue_depth = Gauge("ctxsim_queue_depth", "requests waiting for a batch", registry=r)
+        ProcessCollector(registry=r)
+        self._requests: dict[tuple[str, int], Any] = {}  # (path label, status) -> counter child
+        self._seconds: dict[str, Any] = {}
         self.nonfinite = Counter("ctxsim_nonfinite_embeddings", "images embedded as NaN or inf (answered 500)",
                                  registry=r)
         Gauge("ctxsim_index_items", "items in the served index", registry=r).set_function(
@@ -52,6 +68,25 @@ class ServeMetrics:
 
     def observe_nonfinite(self, count: int) -> None:
         self.nonfinite.inc(count)
+
+    def watch(self, batcher: Any) -> None:
+        """Feed this registry from ``batcher``'s hooks (batches, NaN/inf rows, queue waits, decodes, queue depth)."""
+        batcher.on_batch = self.observe_batch
+        batcher.on_nonfinite = self.observe_nonfinite
+        batcher.on_queue_wait = self.queue_wait.observe
+        batcher.on_decode = self.decode_seconds.observe
+        self.queue_depth.set_function(lambda: batcher.queue_depth)
+
+    def observe_request(self, label: str, status: int, seconds: float) -> None:
+        key = (label, status)
+        counter = self._requests.get(key)
+        if counter is None:
+            counter = self._requests[key] = self.requests.labels(label, str(status))
+        counter.inc()
+        hist = self._seconds.get(label)
+        if hist is None:
+            hist = self._seconds[label] = self.seconds.labels(label)
+        hist.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -83,5 +118,4 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.requests.labels(label, str(status["code"])).inc()
-            self.metrics.seconds.labels(label).observe(time.perf_counter() - t0)
+            self.metrics.observe_request(label, status["code"], time.perf_counter() - t0)

@@ -9,20 +9,20 @@ results as a PNG.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ctxsim.errors import DataError
-from ctxsim.grid import GRID_BORDER, GRID_CAPTION, Neighbor, QueryResult, grid_size, write_grid
-
 from ctxsim.deploy.embedder import open_index_model
 from ctxsim.deploy.gallery import GalleryItem, load_image, load_images, open_gallery
 from ctxsim.deploy.index import Index, load_index
+from ctxsim.errors import DataError
+from ctxsim.grid import GRID_BORDER, GRID_CAPTION, Neighbor, QueryResult, grid_size, write_grid
 
-__all__ = ["Neighbor", "QueryResult", "search", "search_embeddings", "check_recall", "write_grid", "grid_size",
-           "GRID_BORDER", "GRID_CAPTION"]
+__all__ = ["GRID_BORDER", "GRID_CAPTION", "Neighbor", "QueryResult", "check_recall", "grid_size", "search",
+           "search_embeddings", "write_grid"]
 
 
 def _as_index(index: str | os.PathLike | Index) -> Index:
@@ -36,16 +36,23 @@ def _queries(images: Any) -> tuple[list[Any], list[str], list[str | None]]:
     if isinstance(images, (str, os.PathLike)):
         g = open_gallery(images)
         return [it.path for it in g.items], [it.path for it in g.items], [it.label for it in g.items]
-    srcs, names, labels = [], [], []
+    srcs: list[Any] = []
+    names: list[str] = []
+    labels: list[str | None] = []
     for i, x in enumerate(images):
+        src: Any
+        label: str | None
         if isinstance(x, GalleryItem):
-            srcs.append(x.path), names.append(x.path), labels.append(x.label)
+            src, name, label = x.path, x.path, x.label
         elif isinstance(x, Image.Image):
-            srcs.append(x), names.append(f"<image {i}>"), labels.append(None)
+            src, name, label = x, f"<image {i}>", None
         elif isinstance(x, (tuple, list)) and len(x) == 2:
-            srcs.append(x[0]), names.append(str(x[0])), labels.append(None if x[1] is None else str(x[1]))
+            src, name, label = x[0], str(x[0]), None if x[1] is None else str(x[1])
         else:
-            srcs.append(x), names.append(str(x)), labels.append(None)
+            src, name, label = x, str(x), None
+        srcs.append(src)
+        names.append(name)
+        labels.append(label)
     return srcs, names, labels
 
 

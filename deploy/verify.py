@@ -19,7 +19,7 @@ from ctxsim.errors import ArtifactError, CtxsimError
 from ctxsim.io import sha256_file
 from ctxsim.verify import FAIL, NONE, OK, Check, VerifyReport, verify_run
 
-__all__ = ["verify", "verify_index", "folder_kind"]
+__all__ = ["folder_kind", "verify", "verify_index"]
 
 
 def folder_kind(path: str | os.PathLike) -> tuple[str, Path]:
@@ -141,6 +141,7 @@ def _model_checks(info) -> list[Check]:
         checks = verify_run(p, label=str(p))
         from ctxsim.nets.card import read_card
 
+        fp: str | None
         try:
             fp = read_card(p).fingerprint
         except CtxsimError:

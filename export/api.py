@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from ctxsim.errors import ConfigError
-from ctxsim.io import sha256_file
 from ctxsim.export.onnx_export import DEFAULT_OPSET, ExportResult, export_onnx
+from ctxsim.io import sha256_file
+
+__all__ = ["export_run"]
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +85,7 @@ def _export_staged(*, run_dir, out_dir, final_dir, fp16, int8, simplify, input_f
     """Steps 1-5 of :func:`export_run` into the staging folder ``out_dir`` (published later into ``final_dir``)."""
     result = export_onnx(run_dir, out_dir, opset=opset, fp16=fp16, simplify=simplify, input_format=input_format)
     if int8:
-        from ctxsim.export.quantize import (calibration_batches, image_batches, quantize_onnx,
-                                            run_calibration_images)
+        from ctxsim.export.quantize import calibration_batches, image_batches, quantize_onnx, run_calibration_images
 
         batches = (calibration_batches(calib_images, result.contract, 32, 256) if calib_images is not None
                    else image_batches(run_calibration_images(run_dir, 256, data_root), result.contract))

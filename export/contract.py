@@ -1,30 +1,27 @@
 """The preprocessing contract of an exported model: what it is, how it is stored, and how to apply it to images.
 
-A contract is a plain JSON-ready dict. It is built from a run's model card at export time, stored in the ONNX
-file's ``metadata_props`` (and in an engine's sidecar JSON and in ``manifest.json``), and read back by the runners.
-Keys::
-
-    contract_version  1
-    input_name        "images"            output_name   "embeddings"
-    input_format      "float_nchw" | "uint8_nhwc"
-    input_dtype       "float32" | "uint8" layout        "NCHW" | "NHWC"
-    input_shape       [-1, C, H, W] or [-1, H, W, C]  (-1: the dynamic batch axis)
-    input_size, resize_size, channels ("RGB" | "L"), num_channels, mean, std, interpolation
-    resize            "shorter_side_then_center_crop"
-    normalization     "caller" (float_nchw: the caller applies (x/255 - mean)/std) | "in_graph" (uint8_nhwc)
-    output            "l2_normalized"     embedding_dim, fingerprint, ctxsim_version, precision ("fp32"|"fp16"|"int8")
-
-``preprocess_batch`` applies exactly ``ctxsim.data.transforms.eval_transform`` (the transform training-time
-evaluation uses) for ``float_nchw``, and only its resize/center-crop steps for ``uint8_nhwc``, so the two cannot drift.
+A contract is a JSON-ready dict built from the run's model card at export time, stored in the ONNX file's
+``metadata_props`` (and an engine's sidecar, and ``manifest.json``) and read back by the runners: input/output
+names, ``input_format`` ("float_nchw": the caller normalises; "uint8_nhwc": normalisation in the graph), dtype,
+layout and shape (-1: the dynamic batch), input/resize size, channels, mean/std, interpolation, "l2_normalized"
+output, embedding_dim, fingerprint, precision. API: ``build_contract``, ``contract_to_metadata`` /
+``contract_from_metadata``, ``check_batch``, ``preprocess_batch``: exactly ``ctxsim.data.transforms.
+eval_transform`` for float_nchw and only its resize/center-crop for uint8_nhwc, so the two cannot drift. The keys
+one by one: docs/CONTRACTS.md and docs/EXPORT.md.
 """
 from __future__ import annotations
 
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError
+
+__all__ = ["CONTRACT_VERSION", "INPUT_FORMATS", "INPUT_NAME", "METADATA_KEY", "METADATA_PREFIX", "OUTPUT_NAME",
+           "PRECISIONS", "RESIZE_RULE", "build_contract", "check_batch", "check_input_format", "contract_from_metadata",
+           "contract_preprocess", "contract_to_metadata", "preprocess_batch"]
 
 CONTRACT_VERSION = 1
 INPUT_NAME = "images"
@@ -157,8 +154,9 @@ def check_batch(batch: np.ndarray, contract: Mapping[str, Any], who: str = "mode
     want = np.dtype(contract["input_dtype"])
     shape = list(contract["input_shape"])
     if batch.ndim != len(shape) or list(batch.shape[1:]) != shape[1:]:
-        raise ConfigError(f"{who} expects {contract['input_format']} input of shape [N, {', '.join(map(str, shape[1:]))}],"
-                          f" got {list(batch.shape)}; preprocess with ctxsim.export.contract.preprocess_batch")
+        raise ConfigError(f"{who} expects {contract['input_format']} input of shape "
+                          f"[N, {', '.join(map(str, shape[1:]))}], got {list(batch.shape)}; "
+                          "preprocess with ctxsim.export.contract.preprocess_batch")
     if batch.dtype != want:
         if want == np.uint8 or batch.dtype.kind != "f":
             raise ConfigError(f"{who} expects {want} input, got {batch.dtype}; "

@@ -8,12 +8,16 @@ exported from another model, is refused with one line. A folder without a manife
 from __future__ import annotations
 
 import datetime as _dt
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping, TypedDict
+from typing import Any, TypedDict
 
 from ctxsim.errors import ArtifactError
 from ctxsim.io import atomic_write_json, read_json, sha256_file
 from ctxsim.schema import check
+
+__all__ = ["MANIFEST", "MANIFEST_VERSION", "ArtifactEntry", "Manifest", "check_artifact", "read_manifest",
+           "verify_manifest", "write_manifest"]
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1

@@ -17,15 +17,20 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
-from ctxsim.export.contract import (INPUT_NAME, OUTPUT_NAME, build_contract, check_input_format,
-                                    contract_to_metadata)
+from ctxsim.export.contract import INPUT_NAME, OUTPUT_NAME, build_contract, check_input_format, contract_to_metadata
 from ctxsim.io import atomic_path, sha256_file
+
+if TYPE_CHECKING:
+    from ctxsim.nets import EmbeddingNet
+
+__all__ = ["DEFAULT_OPSET", "FP32_KEEP", "ONNX_FP16_NAME", "ONNX_NAME", "ExportResult", "export_onnx", "keep_fp32",
+           "read_onnx_contract"]
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +117,7 @@ class _Fp16Net(nn.Module):
     Mirrors ``EmbeddingNet.forward`` (which already runs its head in float32); parity checks this against it.
     """
 
-    def __init__(self, net: nn.Module):
+    def __init__(self, net: EmbeddingNet):
         super().__init__()
         self.net = net
         self.net.backbone.half()
@@ -131,6 +136,9 @@ class _Uint8Input(nn.Module):
 
     Same operations, in the same order, as torchvision's ToTensor + Normalize in the eval transform.
     """
+
+    mean: torch.Tensor  # buffers
+    std: torch.Tensor
 
     def __init__(self, net: nn.Module, mean: list[float], std: list[float]):
         super().__init__()
@@ -172,7 +180,8 @@ def _torch_to_onnx(net: nn.Module, dummy: torch.Tensor, opset: int,
         if exporter in ("auto", "torchscript"):
             buf = io.BytesIO()
             try:
-                torch.onnx.export(net, (dummy,), buf, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                torch.onnx.export(net, (dummy,), buf,  # type: ignore[arg-type]  # it writes to file objects too
+                                  input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                   opset_version=opset, dynamo=False, do_constant_folding=True,
                                   dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
                 return onnx.load_from_string(buf.getvalue()), "torchscript", opset
@@ -186,6 +195,7 @@ def _torch_to_onnx(net: nn.Module, dummy: torch.Tensor, opset: int,
             program = torch.onnx.export(net, (dummy,), None, input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                                         opset_version=dyn_opset, dynamo=True,
                                         dynamic_shapes=({0: torch.export.Dim("batch")},))
+        assert program is not None  # dynamo=True returns the program
         return program.model_proto, "dynamo", dyn_opset
 
 

@@ -1,38 +1,47 @@
-"""Accuracy parity of an exported artifact against the PyTorch fp32 reference, on real evaluation images.
+"""Parity of an exported artifact against the PyTorch fp32 reference: thresholds, the check, its report and verdicts.
 
-Both models embed the same images of the run's evaluation split (``ctxsim.data.pipeline.open_eval_dataset``):
-the reference gets the eval transform's float tensors, the artifact gets ``preprocess_batch`` of the same images
-under its own contract (identical tensors for ``float_nchw``; raw uint8 pixels for ``uint8_nhwc``). Compared:
-
-- embedding level: per-image cosine between reference and artifact embedding (min, p1, p50, mean) and the
-  largest deviation of an artifact embedding's norm from 1;
-- retrieval level (leave-one-out, ``ctxsim.evaluate.retrieval_metrics``): Recall@K, MAP@R, R-precision of
-  each model and their differences (in percentage points);
-- R@1 flips: queries whose top-1 verdict (right class or not) differs between the two models. A query whose
-  reference *decision margin* (best same-class similarity minus best other-class similarity) is below
-  ``tie_margin`` is a near-tie: a rounding error smaller than the precision's own decides it, so its flip is
-  reported but left out of the ΔR@1 that ``max_abs_delta_r1_points`` checks (the raw ΔR@1 stays in
-  ``retrieval["delta_points"]``);
-- neighbourhoods: mean Jaccard overlap of the k-NN index sets (``ctxsim.knn.knn``) of the two models;
-- cross-model retrieval: artifact-embedded queries against the reference-embedded gallery (leave-one-out),
-  its Recall@1, i.e. whether an artifact query still finds the right items in a gallery indexed with PyTorch.
-
-Thresholds depend on the precision (:data:`DEFAULT_THRESHOLDS`); any can be overridden with a dict or a
-``"key=value,key=value"`` string (``value`` may be ``none`` to switch a check off).
+API: ``check_parity`` / ``assert_parity`` (embed the run's evaluation images with both models and judge the
+measures of ``ctxsim.export.parity_metrics`` against thresholds per precision, :data:`DEFAULT_THRESHOLDS`,
+overridable with a dict or ``"key=value,..."``, ``none`` switching a check off), ``ParityReport``,
+``write_parity`` / ``parity_record`` / ``recorded_verdict`` (``parity.json``, each verdict bound to the sha256 of
+its bytes), ``raise_if_failed``, ``write_flips_grid``. The measures are re-exported here. The story, near-ties
+included: docs/EXPORT.md, "Parity".
 """
 from __future__ import annotations
 
 import logging
 import math
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, FingerprintMismatch, ParityFailed
+from ctxsim.export.parity_metrics import (
+    cosine_rows,
+    cross_recall_at_1,
+    embedding_agreement,
+    flip_examples,
+    r1_flips,
+    r1_margins,
+    retrieval_agreement,
+    topk_jaccard,
+)
 from ctxsim.io import atomic_write_json, sha256_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from ctxsim.data.datasets import ImageDataset
+    from ctxsim.export.runners import Runner
+
+__all__ = ["CHECKS", "DEFAULT_THRESHOLDS", "PARITY_FILE", "SETTINGS", "ParityReport", "assert_parity",
+           "check_parity", "cosine_rows", "cross_recall_at_1", "embedding_agreement", "flip_examples",
+           "parity_record", "parse_thresholds", "r1_flips", "r1_margins", "raise_if_failed", "recorded_verdict",
+           "resolve_thresholds", "retrieval_agreement", "topk_jaccard", "write_flips_grid", "write_parity"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +120,7 @@ class ParityReport:
     classes: int
     thresholds: dict[str, float]
     embedding: dict[str, float]
-    retrieval: dict[str, dict[str, float]]
+    retrieval: dict[str, dict[str, Any]]
     neighbours: dict[str, float]
     cross: dict[str, float]
     checks: list[dict[str, Any]] = field(default_factory=list)
@@ -150,102 +159,9 @@ def _json_clean(obj: Any) -> Any:
     return obj
 
 
-# ---------------------------------------------------------------------------------------------- measures
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Per-row cosine similarity of two [N, D] arrays (float64)."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    num = (a64 * b64).sum(1)
-    den = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    return num / np.maximum(den, 1e-30)
-
-
-def topk_jaccard(a_idx: np.ndarray, b_idx: np.ndarray) -> np.ndarray:
-    """Per-row Jaccard overlap of two [N, k] neighbour index sets."""
-    k = a_idx.shape[1]
-    inter = (a_idx[:, :, None] == b_idx[:, None, :]).any(axis=2).sum(axis=1)
-    return inter / (2 * k - inter)
-
-
-def cross_recall_at_1(queries: np.ndarray, gallery: np.ndarray, labels: np.ndarray) -> float:
-    """R@1 of ``queries[i]`` against ``gallery`` without item i (leave-one-out across two embeddings of the
-    same items); queries whose class has no other item are skipped, as in ``retrieval_metrics``."""
-    from ctxsim.knn import knn
-
-    _, idx = knn(queries, gallery, 1, exclude_self=True)
-    counts = np.bincount(labels)
-    valid = counts[labels] > 1
-    if not valid.any():
-        return float("nan")
-    return float((labels[idx[:, 0]] == labels)[valid].mean())
-
-
-def r1_margins(embeddings: np.ndarray, labels: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Leave-one-out R@1 decision margin of every item: its best same-class similarity minus its best
-    other-class similarity (> 0: the top-1 neighbour is of its class). +inf where no other class exists,
-    NaN where its class has no other item (such queries do not count in R@1)."""
-    import torch
-
-    labels = np.asarray(labels, dtype=np.int64)
-    emb = torch.from_numpy(np.ascontiguousarray(embeddings, dtype=np.float32))
-    lab = torch.from_numpy(labels)
-    out = np.empty(len(lab), dtype=np.float64)
-    for start in range(0, len(lab), chunk):
-        stop = min(start + chunk, len(lab))
-        sims = (emb[start:stop] @ emb.T).double()
-        same = lab[start:stop, None] == lab[None, :]
-        rows = torch.arange(stop - start)
-        sims[rows, rows + start] = float("-inf")  # the query itself (same class, so out of best_other too)
-        best_same = sims.masked_fill(~same, float("-inf")).amax(1)
-        best_other = sims.masked_fill(same, float("-inf")).amax(1)
-        out[start:stop] = (best_same - best_other).numpy()
-    out[np.bincount(labels)[labels] < 2] = np.nan
-    return out
-
-
-def r1_flips(margins_ref: np.ndarray, margins_art: np.ndarray, tie_margin: float) -> dict[str, float]:
-    """Queries whose top-1 verdict differs between two embeddings of the same items, and ΔR@1 (points, over all
-    valid queries) counting only the queries the reference decides by at least ``tie_margin``."""
-    valid = ~np.isnan(margins_ref)
-    hit_ref, hit_art = margins_ref > 0, margins_art > 0
-    flipped = valid & (hit_ref != hit_art)
-    near = valid & (np.abs(margins_ref) < tie_margin)
-    gain = hit_art.astype(np.int64) - hit_ref.astype(np.int64)
-    n = max(int(valid.sum()), 1)
-    return {"tie_margin": float(tie_margin), "near_tied": int(near.sum()), "flips": int(flipped.sum()),
-            "flips_near_tied": int((flipped & near).sum()),
-            "delta_R@1_points": 100.0 * float(gain[valid & ~near].sum()) / n}
-
-
-def flip_examples(ref: np.ndarray, art: np.ndarray, labels: np.ndarray, margins_ref: np.ndarray,
-                  margins_art: np.ndarray, tie_margin: float, most: int = 32) -> list[dict[str, Any]]:
-    """The flipped queries (at most ``most``, decisive ones first, then by falling reference margin), each with
-    its top-1 neighbour under both models: ``{"query", "label", "reference_top1", "reference_score",
-    "reference_hit", "artifact_top1", "artifact_score", "artifact_hit", "margin", "near_tie"}`` (indices into the
-    evaluation split; a hit: the top-1 is of the query's class)."""
-    valid = ~np.isnan(margins_ref)
-    flipped = np.flatnonzero(valid & ((margins_ref > 0) != (margins_art > 0)))
-    rows = flipped[np.argsort(-np.abs(margins_ref[flipped]), kind="stable")][:most]
-    if not len(rows):
-        return []
-    tops = []
-    for emb in (ref, art):
-        sims = emb[rows].astype(np.float64) @ emb.T.astype(np.float64)
-        sims[np.arange(len(rows)), rows] = -np.inf
-        j = sims.argmax(1)
-        tops.append((j, sims[np.arange(len(rows)), j]))
-    (j_ref, s_ref), (j_art, s_art) = tops
-    out = []
-    for n, q in enumerate(rows):
-        out.append({"query": int(q), "label": int(labels[q]),
-                    "reference_top1": int(j_ref[n]), "reference_score": float(s_ref[n]),
-                    "reference_hit": bool(labels[j_ref[n]] == labels[q]),
-                    "artifact_top1": int(j_art[n]), "artifact_score": float(s_art[n]),
-                    "artifact_hit": bool(labels[j_art[n]] == labels[q]),
-                    "margin": float(margins_ref[q]), "near_tie": bool(abs(margins_ref[q]) < tie_margin)})
-    return out
-
-
-def write_flips_grid(examples: list[dict[str, Any]], dataset: Any, out_png: str | Path, thumb: int = 96) -> Path:
+# ---------------------------------------------------------------------------------------------- reporting
+def write_flips_grid(examples: list[dict[str, Any]], dataset: ImageDataset, out_png: str | Path,
+                     thumb: int = 96) -> Path:
     """One row per flipped query: the query, its top-1 under the reference, its top-1 under the artifact (framed
     green when of the query's class, red otherwise; captions: the similarities)."""
     import tempfile
@@ -290,13 +206,17 @@ def _fmt(v: float | None) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- the check
-def _embed_both(model, runner, dataset, raw, contract, batch_size, progress):
+def _embed_both(model: torch.nn.Module, runner: Runner, dataset: ImageDataset, raw: ImageDataset,
+                contract: Mapping[str, Any], batch_size: int, progress: Callable[[int, int], None] | None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     import torch
 
     from ctxsim.export.contract import preprocess_batch
 
     n = len(dataset)
-    ref, art, labels = [], [], []
+    ref: list[np.ndarray] = []
+    art: list[np.ndarray] = []
+    labels: list[int] = []
     uint8 = contract["input_format"] == "uint8_nhwc"
     with torch.inference_mode():
         for start in range(0, n, batch_size):
@@ -314,7 +234,7 @@ def _embed_both(model, runner, dataset, raw, contract, batch_size, progress):
     return np.concatenate(ref), np.concatenate(art), np.asarray(labels, dtype=np.int64)
 
 
-def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str | None = None,
+def check_parity(run_dir: str | Path, artifact: str | Path | Runner, data_root: str | None = None,
                  thresholds: str | Mapping[str, Any] | None = None, limit: int | None = None,
                  precision: str | None = None, batch_size: int = 64, k: int = 10,
                  providers: list | None = None, write: bool = True,
@@ -329,9 +249,7 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
     :func:`write_flips_grid`). Raises FingerprintMismatch if the artifact was exported from another model.
     """
     from ctxsim.data.pipeline import open_eval_dataset
-    from ctxsim.evaluate import retrieval_metrics
     from ctxsim.export.runners import open_runner
-    from ctxsim.knn import knn
     from ctxsim.nets import load_run
     from ctxsim.runs import run_config
 
@@ -340,10 +258,15 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
         raise ConfigError("batch_size and k must be >= 1")
     cfg = run_config(run_dir, data_root)
     model, card = load_run(run_dir)
-    path = Path(artifact) if isinstance(artifact, (str, Path)) else None
-    # the bytes this verdict is about: hashed before they are opened, recorded with the verdict
-    sha = sha256_file(path) if path is not None and path.is_file() else ""
-    runner = open_runner(path, providers) if path is not None else artifact
+    path: Path | None = None
+    sha = ""
+    if isinstance(artifact, (str, Path)):
+        path = Path(artifact)
+        # the bytes this verdict is about: hashed before they are opened, recorded with the verdict
+        sha = sha256_file(path) if path.is_file() else ""
+        runner = open_runner(path, providers)
+    else:
+        runner = artifact
     contract = runner.contract
     if contract.get("fingerprint") != card.fingerprint:
         raise FingerprintMismatch(
@@ -367,42 +290,16 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
     finite = np.isfinite(art).all(axis=1)
     if not finite.all():
         failures.append(f"{int((~finite).sum())} of {len(art)} artifact embeddings contain NaN or inf")
-    cos = cosine_rows(ref, art)
-    cos = np.where(finite, cos, -1.0)
-    norms_art = np.linalg.norm(art.astype(np.float64), axis=1)
-    norms_ref = np.linalg.norm(ref.astype(np.float64), axis=1)
-    embedding = {
-        "cosine_min": float(cos.min()), "cosine_p1": float(np.percentile(cos, 1)),
-        "cosine_p50": float(np.percentile(cos, 50)), "cosine_mean": float(cos.mean()),
-        "norm_max_error": float(np.nanmax(np.abs(norms_art - 1.0))) if finite.any() else float("nan"),
-        "norm_max_error_reference": float(np.abs(norms_ref - 1.0).max()),
-    }
-
-    ks = tuple(sorted({1, *cfg.eval_ks}))
-    m_ref = retrieval_metrics(ref, labels, ks=ks)
-    retrieval: dict[str, dict[str, float]] = {"reference": m_ref, "artifact": {}, "delta_points": {}}
-    neighbours: dict[str, float] = {}
-    cross: dict[str, float] = {}
-    if finite.all():
-        m_art = retrieval_metrics(art, labels, ks=ks)
-        retrieval["artifact"] = m_art
-        retrieval["delta_points"] = {key: 100.0 * (m_art[key] - m_ref[key]) for key in m_ref}
-        k_eff = min(int(k), len(labels) - 1)
-        _, i_ref = knn(ref, ref, k_eff, exclude_self=True)
-        _, i_art = knn(art, art, k_eff, exclude_self=True)
-        neighbours = {"k": k_eff, "jaccard_mean": float(topk_jaccard(i_ref, i_art).mean())}
-        margins_ref, margins_art = r1_margins(ref, labels), r1_margins(art, labels)
-        tie = limits.get("tie_margin", 0.0)
-        retrieval["ties"] = r1_flips(margins_ref, margins_art, tie)
-        retrieval["ties"]["examples"] = flip_examples(ref, art, labels, margins_ref, margins_art, tie)
-        share = retrieval["ties"]["near_tied"] / max(1, int((~np.isnan(margins_ref)).sum()))
+    embedding = embedding_agreement(ref, art)
+    tie = limits.get("tie_margin", 0.0)
+    retrieval, neighbours, cross = retrieval_agreement(ref, art, labels, tuple(sorted({1, *cfg.eval_ks})), k, tie)
+    if "ties" in retrieval:
+        share = retrieval["ties"]["near_tied"] / max(1, int((np.bincount(labels)[labels] > 1).sum()))
         if share > 0.1:  # e.g. an untrained model, whose embeddings all sit in a narrow cone
             log.warning("%.0f%% of the queries are near-ties (reference margin < tie_margin %g): ΔR@1 judges only "
                         "the rest; pass a smaller tie_margin to count them", 100 * share, tie)
         if flips_grid is not None and retrieval["ties"]["examples"]:
             write_flips_grid(retrieval["ties"]["examples"], raw, flips_grid)
-        cross_r1 = cross_recall_at_1(art, ref, labels)
-        cross = {"R@1": cross_r1, "delta_R@1_points": 100.0 * (cross_r1 - m_ref["R@1"])}
 
     values = {
         "min_cosine": embedding["cosine_min"], "p1_cosine": embedding["cosine_p1"],
@@ -424,7 +321,7 @@ def check_parity(run_dir: str | Path, artifact: str | Path | Any, data_root: str
 
     report = ParityReport(
         artifact=str(path) if path else getattr(runner, "name", "runner"), runner=getattr(runner, "name", "?"),
-        precision=precision, fingerprint=card.fingerprint, images=len(labels), classes=int(len(np.unique(labels))),
+        precision=precision, fingerprint=card.fingerprint, images=len(labels), classes=len(np.unique(labels)),
         thresholds=limits, embedding=embedding, retrieval=retrieval, neighbours=neighbours, cross=cross,
         checks=checks, failures=failures, dataset=str(cfg.data.dataset),
         input_format=contract.get("input_format", "float_nchw"), seconds=time.perf_counter() - t0, sha256=sha)
@@ -500,7 +397,7 @@ def raise_if_failed(reports: Mapping[str, ParityReport]) -> None:
         raise ParityFailed("parity failed for " + "; and for ".join(failed))
 
 
-def assert_parity(run_dir: str | Path, artifact: str | Path | Any, **kwargs: Any) -> ParityReport:
+def assert_parity(run_dir: str | Path, artifact: str | Path | Runner, **kwargs: Any) -> ParityReport:
     """:func:`check_parity` that raises ParityFailed (an AssertionError too, for pytest) listing the failures."""
     report = check_parity(run_dir, artifact, **kwargs)
     raise_if_failed({report.artifact: report})

@@ -1,18 +1,13 @@
 """Publishing an export folder as one unit: ``export_run`` builds everything in a staging folder inside it, then
 moves the files into place with ``manifest.json`` last.
 
-- A failure while building (a bad option, a parity error, TensorRT, a kill) leaves the published folder as it was:
-  the staging folder is removed (or, after a kill, by the next export into the folder).
-- Publishing moves each new file over the old one (``os.replace``), ``parity.json`` after the artifacts and
-  ``manifest.json`` last (the commit point), then removes what the previous manifest bound that the new export
-  does not produce (an engine of an earlier ``--trt`` export, its sidecar, a Triton repository). A kill between two
-  moves leaves new bytes beside the previous manifest and parity records: every reader checks them
-  (``manifest.check_artifact``, ``parity.recorded_verdict``) and refuses, or finds no verdict; ``ctxsim verify``
-  names the mismatch. Files the exports did not write are never touched.
-- Exports into one folder are serialised by an advisory lock on the folder itself (no lock file).
-
-Test hook: with ``CTXSIM_FAULT=publish:<name>`` (see ``ctxsim.io.fault_point``) the process SIGKILLs itself right
-after ``<name>`` was moved into place.
+API: ``staged_export`` (the staging folder inside the export folder, under an advisory lock on it; removed on
+failure, or by the next export after a kill) and ``publish`` (``os.replace`` of each file, ``parity.json`` after
+the artifacts, ``manifest.json`` last as the commit point, then what the previous manifest bound and the new
+export does not produce is removed; files the exports did not write are never touched). Readers check the bytes
+against the manifest and the parity records, so a kill between two moves is refused or has no verdict
+(docs/RELIABILITY.md).
+Test hook: ``CTXSIM_FAULT=publish:<name>`` (``ctxsim.io.fault_point``) SIGKILLs the process after ``<name>`` moved.
 """
 from __future__ import annotations
 
@@ -20,13 +15,14 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
-
-from ctxsim.io import fault_point, read_json
 
 from ctxsim.export.manifest import MANIFEST
 from ctxsim.export.parity import PARITY_FILE
+from ctxsim.io import fault_point, read_json
+
+__all__ = ["STAGING_PREFIX", "publish", "staged_export"]
 
 STAGING_PREFIX = ".staging-"
 _OLD_PREFIX = ".old-"
@@ -85,14 +81,14 @@ def _old_members(folder: Path) -> set[str]:
 
 def _move(src: Path, dst: Path) -> None:
     """``src`` onto ``dst``: a file with ``os.replace``; a folder by renaming the old one aside first."""
-    if src.is_dir() or (dst.exists() and dst.is_dir() and not dst.is_symlink()):
-        if dst.exists() or dst.is_symlink():
-            aside = dst.with_name(f"{_OLD_PREFIX}{dst.name}.{os.getpid()}")
-            _remove(aside)
-            os.replace(dst, aside)
-            os.replace(src, dst)
-            _remove(aside)
-            return
+    folder = src.is_dir() or (dst.exists() and dst.is_dir() and not dst.is_symlink())
+    if folder and (dst.exists() or dst.is_symlink()):
+        aside = dst.with_name(f"{_OLD_PREFIX}{dst.name}.{os.getpid()}")
+        _remove(aside)
+        os.replace(dst, aside)
+        os.replace(src, dst)
+        _remove(aside)
+        return
     os.replace(src, dst)
 
 

@@ -12,13 +12,17 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 
 from ctxsim.errors import ConfigError, MissingDependency
 from ctxsim.io import atomic_path
+
+__all__ = ["CALIBRATION_METHODS", "IMAGE_EXTENSIONS", "ONNX_INT8_NAME", "calibration_batches", "image_batches",
+           "list_images", "quantize_onnx", "run_calibration_images"]
 
 log = logging.getLogger(__name__)
 
@@ -85,8 +89,13 @@ def quantize_onnx(onnx_path: str | Path, batches: Iterable[np.ndarray], out_path
     from ctxsim.export.onnx_export import read_onnx_contract
 
     try:
-        from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                              quantize_static)
+        from onnxruntime.quantization import (
+            CalibrationDataReader,
+            CalibrationMethod,
+            QuantFormat,
+            QuantType,
+            quantize_static,
+        )
         from onnxruntime.quantization.shape_inference import quant_pre_process
     except ImportError as e:
         raise MissingDependency(f"int8 ONNX needs onnxruntime's quantization tools ({e})") from None
@@ -105,7 +114,7 @@ def quantize_onnx(onnx_path: str | Path, batches: Iterable[np.ndarray], out_path
         def __init__(self) -> None:
             self._it = iter(feeds)
 
-        def get_next(self):  # noqa: ANN201 - ONNX Runtime's signature
+        def get_next(self) -> dict[str, np.ndarray] | None:  # ONNX Runtime's signature
             return next(self._it, None)
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -52,7 +53,7 @@ def install_problem(distributions: set[str], available: Sequence[str]) -> str | 
     """What is wrong with this ONNX Runtime install, if anything. The CPU wheel (``onnxruntime``) and the GPU
     wheel (``onnxruntime-gpu``) install the same ``onnxruntime`` module; with both, whichever came last wins, and
     a GPU server quietly runs on the CPU."""
-    gpu = {d for d in distributions if d.startswith("onnxruntime-gpu") or d.startswith("onnxruntime_gpu")}
+    gpu = {d for d in distributions if d.startswith(("onnxruntime-gpu", "onnxruntime_gpu"))}
     if gpu and "CUDAExecutionProvider" not in available:
         both = " and the CPU wheel onnxruntime" if "onnxruntime" in distributions else ""
         return (f"{sorted(gpu)[0]} is installed{both}, but ONNX Runtime offers no CUDAExecutionProvider; keep one "
@@ -88,7 +89,9 @@ class OnnxRunner:
     """An ONNX Runtime session over a ctxsim ONNX file."""
 
     def __init__(self, path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None,
-                 intra_op_threads: int = 0):
+                 intra_op_threads: int = 0, session_config: dict[str, Any] | None = None):
+        """``session_config``: ``SessionOptions`` attributes (``intra_op_num_threads``, ...) and session config
+        entries (keys with a dot, e.g. ``session.intra_op.allow_spinning``), e.g. ctxsim.deploy's thread policy."""
         ort = import_onnxruntime()
         self.path = Path(path)
         if not self.path.is_file():
@@ -97,6 +100,11 @@ class OnnxRunner:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = int(intra_op_threads)
         opts.log_severity_level = 3
+        for key, value in (session_config or {}).items():
+            if "." in key:
+                opts.add_session_config_entry(key, str(value))
+            else:
+                setattr(opts, key, value)
         try:
             self.session = ort.InferenceSession(str(self.path), sess_options=opts,
                                                 providers=list(providers) if providers else default_providers())
@@ -160,11 +168,11 @@ def resolve_artifact(path: str | Path) -> tuple[str, Path]:
 
 
 def open_runner(path: str | Path, providers: Sequence[str | tuple[str, dict]] | None = None,
-                device: str | None = None) -> Runner:
+                device: str | None = None, session_config: dict[str, Any] | None = None) -> Runner:
     """An exported artifact's runner (see :func:`resolve_artifact`): ONNX -> :class:`OnnxRunner`, TensorRT engine
     -> ``TensorRTRunner``. ``providers`` (ONNX only) are ONNX Runtime's; else ``device="cpu"`` keeps an ONNX model
     on the CPU provider and any other device takes :func:`default_providers`. A TensorRT engine runs on the current
-    CUDA device."""
+    CUDA device. ``session_config``: ONNX Runtime session settings (see :class:`OnnxRunner`; ignored for engines)."""
     kind, path = resolve_artifact(path)
     if kind == "torch":  # a run folder runs in PyTorch; one exported into itself holds a model.onnx too
         if not (path / "model.onnx").is_file():
@@ -173,7 +181,7 @@ def open_runner(path: str | Path, providers: Sequence[str | tuple[str, dict]] | 
     if kind == "onnx":
         if not providers and device == "cpu":
             providers = ["CPUExecutionProvider"]
-        return OnnxRunner(path, providers)
+        return OnnxRunner(path, providers, session_config=session_config)
     if providers:
         raise ConfigError("providers apply to ONNX models only, not to TensorRT engines")
     from ctxsim.export.tensorrt import TensorRTRunner

@@ -1,33 +1,24 @@
 """TensorRT engines: build one from a typed ctxsim ONNX file as a strongly typed network, check that it fits the
 machine, and run it. One path for TensorRT 10.x (JetPack) and 11.x (servers).
 
-TensorRT 11 removed weak typing (``BuilderFlag.FP16``/``INT8``), calibrators and calibration profiles
-(NVIDIA, "Migrating from TensorRT 10.x to 11.x"). So an engine's precision is the precision of the ONNX file it
-is built from, and the builder sets no precision flag:
-
-    fp32  <- model.onnx        (float32 graph)
-    fp16  <- model.fp16.onnx   (fp16 backbone, fp32 head and L2 normalisation, Cast nodes in the graph)
-    int8  <- model.int8.onnx   (explicit Q/DQ: int8 weights and activations, zero points 0, float biases)
-
-On 10.x the network is created with ``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; on 11.x every network is
-strongly typed (the flag is deprecated and ignored), so none is passed. Runtime calls (named I/O tensors,
-``set_input_shape`` / ``set_tensor_address`` / ``execute_async_v3``, torch CUDA tensors as device buffers) are
-the same on both. NOT EXECUTED on this project's machines, which have no TensorRT: the calls are checked by
-mypy against the TensorRT stubs (typings/, tests/export/test_trt_typecheck.py), no API removed in 11 is used
-(tests/export/test_trt_static.py), and every ONNX file is checked against onnx-tensorrt's operator matrix before
-it is handed to the parser. See docs/EXPORT.md.
-
-An engine ``model.<precision>.engine`` comes with a sidecar ``model.<precision>.engine.json`` naming the TensorRT
-version and major, the build mode, GPU, compute capability, precision, optimisation profile, the source ONNX's
-name and sha256 and the contract.
+TensorRT 11 removed weak typing and calibrators, so an engine's precision is that of the ONNX file it is built
+from (``model.onnx`` fp32, ``model.fp16.onnx``, ``model.int8.onnx`` with explicit Q/DQ) and no precision flag is
+set; 10.x networks are created STRONGLY_TYPED, 11.x ones are so by default. API: ``build_engine``,
+``check_engine_compatible``, ``TensorRTRunner``; an engine ``model.<precision>.engine`` has a sidecar
+``.engine.json`` (TensorRT version, GPU, compute capability, precision, profile, source ONNX sha256, contract).
+NOT EXECUTED on this project's machines (no TensorRT): the calls are type-checked against typings/
+(tests/export/test_trt_typecheck.py), no API removed in 11 is used (tests/export/test_trt_static.py), and every
+ONNX file is checked against onnx-tensorrt's operator matrix first. The story: docs/EXPORT.md, "TensorRT".
 """
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, TypedDict
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
@@ -39,6 +30,11 @@ from ctxsim.schema import check
 if TYPE_CHECKING:  # annotations only: tensorrt is imported inside the functions that run it
     import tensorrt as trt
     import torch
+
+__all__ = ["BUILD_MODE", "ENGINE_PRECISIONS", "ONNX_FOR_PRECISION", "SUPPORTED_MAJORS", "TRT_HINT", "EngineBuild",
+           "EngineSidecar", "TensorRTRunner", "build_engine", "check_engine_compatible", "current_device",
+           "engine_precision", "engine_sidecar", "import_tensorrt", "network_flags", "read_sidecar", "sidecar_path",
+           "tensorrt_major"]
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +64,7 @@ def network_flags(major: int, strongly_typed_bit: int) -> int:
     return 1 << int(strongly_typed_bit) if major == 10 else 0
 
 
-def import_tensorrt():  # noqa: ANN201 - the tensorrt module, whose type only exists where it is installed
+def import_tensorrt() -> ModuleType:
     """``import tensorrt`` (MissingDependency with the install hint) of a supported major."""
     try:
         import tensorrt
@@ -317,7 +313,7 @@ class TensorRTRunner:
         return np.ascontiguousarray(np.concatenate(outs), dtype=np.float32)
 
 
-def _torch_dtype(dtype: "trt.DataType") -> "torch.dtype":
+def _torch_dtype(dtype: trt.DataType) -> torch.dtype:
     import tensorrt as trt
     import torch
 

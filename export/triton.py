@@ -19,6 +19,9 @@ from typing import Any
 from ctxsim.errors import ArtifactError, ConfigError
 from ctxsim.io import atomic_write_bytes, atomic_write_text
 
+__all__ = ["INSTANCE_KINDS", "TRITON_DTYPES", "model_config", "parse_pbtxt", "preferred_batch_sizes",
+           "write_triton_repository"]
+
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
 
@@ -161,7 +164,8 @@ def parse_pbtxt(text: str) -> dict[str, Any]:
                 pos += 1
             v = value()
             if key in out:  # a repeated field written as several entries
-                out[key] = (out[key] if isinstance(out[key], list) else [out[key]]) + (v if isinstance(v, list) else [v])
+                old = out[key] if isinstance(out[key], list) else [out[key]]
+                out[key] = old + (v if isinstance(v, list) else [v])
             else:
                 out[key] = v
             if pos < len(toks) and toks[pos] == ",":

@@ -12,10 +12,13 @@ from __future__ import annotations
 import ast
 import functools
 import json
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ctxsim.errors import ArtifactError, ConfigError
+
+__all__ = ["MAX_LISTED", "SUPPORT_FILE", "check_onnx_for_tensorrt", "load_support", "onnx_problems", "removed_api_uses"]
 
 SUPPORT_FILE = Path(__file__).with_name("tensorrt_support.json")
 #: how many problems an ArtifactError names before "(+N more)"

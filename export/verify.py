@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from ctxsim.errors import CtxsimError
-from ctxsim.io import sha256_file
-from ctxsim.verify import FAIL, NONE, OK, Check
-
 from ctxsim.export.manifest import MANIFEST, read_manifest
 from ctxsim.export.parity import PARITY_FILE, parity_record
 from ctxsim.export.runners import suffix_kind
+from ctxsim.io import sha256_file
+from ctxsim.verify import FAIL, NONE, OK, Check
 
+__all__ = ["verify_artifact", "verify_export"]
 
 
 def _contract_fingerprint(path: Path) -> tuple[str | None, str]:
@@ -72,7 +72,7 @@ def verify_export(folder: str | Path, label: str | None = None) -> list[Check]:
             hashes[path.name] = sha
         art_fp, err = _contract_fingerprint(path)
         checks.append(Check(item, "model fingerprint", OK if art_fp == fp else FAIL,
-                            fp if art_fp == fp else (err or f"the file is model {art_fp}, {MANIFEST} says {fp}")))
+                            f"{fp}" if art_fp == fp else (err or f"the file is model {art_fp}, {MANIFEST} says {fp}")))
         if entry.get("sidecar"):
             sp = path.with_name(entry["sidecar"])
             good = sp.is_file() and sha256_file(sp) == entry.get("sidecar_sha256")

@@ -2,24 +2,13 @@
 
     python scripts/make_omniglot_mini.py [ZIP_DIR] [--out ctxsim/data/omniglot_mini/omniglot_mini.npz] [--check]
 
-ZIP_DIR holds images_background.zip and images_evaluation.zip (Omniglot's official python/ zips, or zips with the
-same members; default: $CTXSIM_OMNIGLOT, else ../shared/data/omniglot beside the repository). ``--check``
-regenerates into memory and exits 1 unless the result equals the file at ``--out`` byte for byte.
-
-What is kept (the README beside the sample says the same):
-
-- the 10 background alphabets and 5 evaluation alphabets named in ALPHABETS below, every character of each, all
-  20 drawings per character, in zip-member order (alphabet, characterNN, file name, natural sort);
-- each 105x105 1-bit drawing (black ink on white, as stored) padded with white to 112x112 (3 px before, 4 px after
-  on each axis) and reduced by exact 4x4 area averaging to 28x28 uint8: ``(255 * white_pixels + 8) // 16``, so
-  17 grey levels, integer arithmetic only (no resampling filter whose rounding could change between libraries).
-
-The output is an ``.npz`` (a zip that ``numpy.load`` reads without pickle) holding ``images`` (N, 28, 28) uint8
-and ``members`` (N,) the original member paths (``images_<split>/<Alphabet>/characterNN/<file>.png``) as
-ASCII bytes. It is written byte-reproducibly: members in a fixed order, fixed timestamps (1980-01-01), fixed
-attributes, DEFLATE level 9. The bytes depend only on the input pixels and on zlib's deflate output, which has
-been stable across zlib releases for years (a zlib-ng build could differ; then ``--check`` reports it, and the
-arrays are still equal).
+ZIP_DIR holds images_background.zip and images_evaluation.zip (default: $CTXSIM_OMNIGLOT, else
+../shared/data/omniglot beside the repository); ``--check`` regenerates into memory and exits 1 unless the result
+equals ``--out`` byte for byte. Kept: every character and drawing of the ALPHABETS below, each 105x105 drawing
+padded to 112x112 and reduced by exact 4x4 area averaging to 28x28 uint8 (``(255 * white + 8) // 16``, integer
+arithmetic only). The ``.npz`` (``images`` and the member paths, no pickle) is written byte-reproducibly: fixed
+member order, timestamps and attributes, DEFLATE level 9 (a zlib-ng build could differ; ``--check`` says so).
+What was kept and why: ctxsim/data/omniglot_mini/README.md.
 """
 from __future__ import annotations
 

@@ -12,8 +12,8 @@ from ctxsim.data.datasets import (
     subset,
     super_class_disjoint_split,
 )
-from ctxsim.data.images import open_image
 from ctxsim.data.digits import DigitsDataset, digits
+from ctxsim.data.images import open_image
 from ctxsim.data.layouts import (
     KNOWN_DATASETS,
     cars196,
@@ -29,13 +29,9 @@ from ctxsim.data.omniglot import OmniglotArrays, OmniglotFolder, OmniglotZip, om
 from ctxsim.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
 from ctxsim.data.transforms import ConvertMode, Preprocess, eval_transform, make_loader, train_transform
 
-__all__ = [
-    "IMG_EXTENSIONS", "ImageDataset", "ImageFolderDataset", "ListFileDataset", "Record",
-    "class_disjoint_split", "super_class_disjoint_split", "subset", "natural_key", "open_image",
-    "DigitsDataset", "digits",
-    "OmniglotZip", "OmniglotFolder", "OmniglotArrays", "omniglot", "omniglot_mini",
-    "KNOWN_DATASETS", "open_dataset", "cub200", "cars196", "sop", "inshop", "inat2021", "inat_supercategory",
-    "read_ebay_list",
-    "MPerClassBatchSampler", "HierarchicalBatchSampler",
-    "Preprocess", "ConvertMode", "train_transform", "eval_transform", "make_loader",
-]
+__all__ = ["IMG_EXTENSIONS", "KNOWN_DATASETS", "ConvertMode", "DigitsDataset", "HierarchicalBatchSampler",
+           "ImageDataset", "ImageFolderDataset", "ListFileDataset", "MPerClassBatchSampler", "OmniglotArrays",
+           "OmniglotFolder", "OmniglotZip", "Preprocess", "Record", "cars196", "class_disjoint_split", "cub200",
+           "digits", "eval_transform", "inat2021", "inat_supercategory", "inshop", "make_loader", "natural_key",
+           "omniglot", "omniglot_mini", "open_dataset", "open_image", "read_ebay_list", "sop", "subset",
+           "super_class_disjoint_split", "train_transform"]

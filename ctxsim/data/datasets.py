@@ -1,25 +1,12 @@
-"""Image datasets with contiguous labels: the base class, folder and list-file readers, subsets and class-disjoint splits.
+"""Image datasets with contiguous labels: the base class, folder and list-file readers, subsets, class-disjoint splits.
 
-Every dataset in ctxsim is an :class:`ImageDataset`. Concrete readers only produce :class:`Record` s
-(source, class name, optional super-class name, display path); the base class turns them into
-
-- ``paths``: a display path per item,
-- ``labels``: contiguous ints ``0..C-1`` (``class_names[label]`` is the class's name),
-- ``super_labels``: contiguous ints or ``None``, ``super_class_names`` likewise,
-- ``load_image(i) -> PIL.Image`` ("RGB" or "L"), ``__getitem__(i) -> (transform(image), label)``.
-
-Class order is the natural sort of the class names ("2" before "10") unless a reader passes an explicit order,
-so labels are the same on every machine and every run.
-
-Bad input: a missing, unreadable or corrupt image raises :class:`ctxsim.errors.DataError` naming its path.
-An image over the decoding limits of :mod:`ctxsim.data.limits` (pixels, aspect ratio) is refused from its header,
-before any pixel is decoded (:class:`ctxsim.errors.ImageRefused`, a DataError). Pillow's decompression-bomb limit
-stays on; a ``DecompressionBombError`` also becomes a ``DataError``.
-With ``on_error="skip"``, ``__getitem__`` replaces a bad item by the next readable item of the *same class*
-(cyclically, in dataset order), so the label, and therefore the m-per-class batch structure, is unchanged;
-the bad path is appended once to ``dataset.skipped`` and a logging warning names it. ``load_image`` always raises.
-``skipped`` is per process: with DataLoader workers each worker keeps its own list (the warnings still name
-every path).
+Readers produce :class:`Record` s (source, class, optional super-class, display path); :class:`ImageDataset` turns
+them into ``paths``, ``labels`` (0..C-1, natural sort of the class names unless a reader orders them, so the same
+on every machine), ``super_labels`` (or None), ``load_image(i)`` ("RGB" or "L") and ``__getitem__(i) ->
+(transform(image), label)``. A missing, unreadable or corrupt image, or one over :mod:`ctxsim.data.limits`
+(refused from its header), is a :class:`ctxsim.errors.DataError` naming its path. With ``on_error="skip"``,
+``__getitem__`` takes the next readable item of the same class instead (labels, and so m-per-class batches,
+unchanged), names it in a warning and in ``skipped`` (per process); ``load_image`` always raises.
 """
 from __future__ import annotations
 
@@ -27,9 +14,10 @@ import copy
 import logging
 import os
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch.utils.data
@@ -37,6 +25,9 @@ from PIL import Image
 
 from ctxsim.data.images import image_errors, open_image, read_list_file
 from ctxsim.errors import ConfigError, DataError
+
+__all__ = ["IMG_EXTENSIONS", "ON_ERROR", "ImageDataset", "ImageFolderDataset", "ListFileDataset", "Record",
+           "class_disjoint_split", "natural_key", "scan_class_folders", "subset", "super_class_disjoint_split"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,14 +109,12 @@ class ImageDataset(torch.utils.data.Dataset):
         self._sources = [r.source for r in records]
         self.paths: list[str] = [r.path if r.path is not None else str(r.source) for r in records]
         self.labels: list[int] = [index[r.class_name] for r in records]
-        has_super = [r.super_name is not None for r in records]
-        if records and all(has_super):
-            self.super_class_names: list[str] | None = _order(
-                (r.super_name for r in records), super_order, "super-class"
-            )
+        supers = [r.super_name for r in records if r.super_name is not None]
+        if records and len(supers) == len(records):
+            self.super_class_names: list[str] | None = _order(supers, super_order, "super-class")
             sindex = {n: i for i, n in enumerate(self.super_class_names)}
-            self.super_labels: list[int] | None = [sindex[r.super_name] for r in records]
-        elif any(has_super):
+            self.super_labels: list[int] | None = [sindex[s] for s in supers]
+        elif supers:
             raise DataError("some items have a super-class and some do not; give every item one or none")
         else:
             self.super_class_names = None
@@ -168,7 +157,7 @@ class ImageDataset(torch.utils.data.Dataset):
         records: Iterable[Record],
         class_order: Sequence[str] | None = None,
         super_order: Sequence[str] | None = None,
-    ) -> "ImageDataset":
+    ) -> ImageDataset:
         """A copy of this dataset (same reader, transform and error policy) holding other records."""
         new = copy.copy(self)
         new.skipped = []
@@ -176,7 +165,7 @@ class ImageDataset(torch.utils.data.Dataset):
         new._set_records(records, class_order, super_order)
         return new
 
-    def with_transform(self, transform: Callable | None) -> "ImageDataset":
+    def with_transform(self, transform: Callable | None) -> ImageDataset:
         """A shallow copy of this dataset with another transform (the items are shared)."""
         new = copy.copy(self)
         new.transform = transform
@@ -346,7 +335,7 @@ def _n_holdout(n_units: int, holdout_fraction: float | None, n_holdout: int | No
     if holdout_fraction is not None:
         if not 0.0 < float(holdout_fraction) < 1.0:
             raise ConfigError(f"holdout_fraction must be in (0, 1), got {holdout_fraction}")
-        k = int(round(float(holdout_fraction) * n_units))
+        k = round(float(holdout_fraction) * n_units)
         return min(max(k, 1), n_units - 1)
     k = int(n_holdout)  # type: ignore[arg-type]
     if not 1 <= k <= n_units - 1:

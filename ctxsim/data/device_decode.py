@@ -1,26 +1,21 @@
 """Decode JPEGs on the device: training batches (``data.decode: device``) and gallery batches (``--device-decode``).
 
-With the default ``data.decode: loader`` the DataLoader decodes every image with Pillow and applies the train
-transform on the CPU, which can starve a fast GPU. With ``device`` the loader only reads each file's bytes;
-:class:`DeviceAugment` decodes the whole batch at once with torchvision's ``decode_jpeg(..., device=...)``, or
-with TorchCodec's (``pip install 'ctxsim[decode]'``), which replaces it once torchvision drops it (deprecated
-since 0.29); both use nvJPEG on CUDA and libjpeg-turbo on the CPU, and see :func:`jpeg_decoder` for EXIF
-orientation. It applies the same train transform there: RandomResizedCrop with the
-recipe's scale range, optional horizontal flip, scaling to [0, 1] and the preprocessing contract's mean/std.
-Evaluation keeps the Pillow pipeline (``eval_transform``), which is the exported model's contract;
-:class:`DeviceEvalTransform` is its tensor twin for embedding large galleries on a GPU (``ctxsim index build
---device-decode``), close to but not bit-identical with Pillow's resampling.
-
-Requirements, checked when the data is built: every training image is a JPEG file on disk, and corrupt images
-raise (``on_error: skip`` needs per-image decoding in the loader). The CUDA path has not run on this project's
-machines (no GPU was lent); the CPU path is tested against the Pillow pipeline.
+The loader only reads each file's bytes; :class:`DeviceAugment` decodes the whole batch at once (torchvision's
+``decode_jpeg`` or TorchCodec's, see :func:`jpeg_decoder`: nvJPEG on CUDA, libjpeg-turbo on the CPU) and applies
+the train transform there (RandomResizedCrop, flip, mean/std). :class:`DeviceEvalTransform` is the eval
+transform's tensor twin for large galleries on a GPU, close to but not bit-identical with Pillow's resampling
+(evaluation itself keeps Pillow: it is the exported model's contract). Every training image must be a JPEG file,
+and corrupt images raise. The CUDA path has not run on this project's machines; the CPU path is tested against
+the Pillow pipeline. Throughput: docs/BENCHMARKS.md.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,6 +27,9 @@ from ctxsim.data.datasets import ImageDataset
 from ctxsim.data.limits import check_image_size
 from ctxsim.data.transforms import Preprocess
 from ctxsim.errors import ConfigError, DataError, MissingDependency
+
+__all__ = ["JPEG_SUFFIXES", "TENSOR_INTERPOLATIONS", "DeviceAugment", "DeviceEvalTransform", "EncodedImages",
+           "collate_encoded", "jpeg_decoder"]
 
 JPEG_SUFFIXES = (".jpg", ".jpeg")
 TENSOR_INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
@@ -46,17 +44,18 @@ def jpeg_decoder(prefer: str = "torchvision") -> tuple[str, Callable[..., list[t
     """
     if prefer not in ("torchcodec", "torchvision"):
         raise ConfigError(f"JPEG decoder must be torchcodec or torchvision, got {prefer!r}")
-    vision = codec = None
+    vision: Callable[..., Any] | None = None
+    codec: Callable[..., Any] | None = None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        try:
-            from torchvision.io import ImageReadMode, decode_jpeg as vision
-        except ImportError:
-            pass
-    try:
-        from torchcodec.decoders import decode_jpeg as codec
-    except (ImportError, OSError, RuntimeError):  # missing, or built for another torch
-        pass
+        with contextlib.suppress(ImportError):
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            vision = decode_jpeg
+    with contextlib.suppress(ImportError, OSError, RuntimeError):  # missing, or built for another torch
+        from torchcodec.decoders import decode_jpeg as torchcodec_decode_jpeg
+
+        codec = torchcodec_decode_jpeg
     if codec is not None and (prefer == "torchcodec" or vision is None):
         def decode_codec(encoded, channels, device):
             images = codec(list(encoded), mode="RGB" if channels == "RGB" else "GRAY", device=device)

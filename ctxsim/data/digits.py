@@ -9,15 +9,18 @@ on black, as sklearn stores them. Splits are class-disjoint, as in metric learni
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ctxsim.errors import ConfigError
 from ctxsim.data.datasets import ImageDataset, Record
+from ctxsim.errors import ConfigError
 
-SPLIT_CLASSES = {"train": range(0, 5), "test": range(5, 10), "all": range(0, 10)}
+__all__ = ["SPLIT_CLASSES", "DigitsDataset", "digits"]
+
+SPLIT_CLASSES = {"train": range(5), "test": range(5, 10), "all": range(10)}
 
 
 @functools.lru_cache(maxsize=1)

@@ -36,7 +36,8 @@ def open_image(fp: Any) -> Image.Image:
     ImageTooLarge). Otherwise raises whatever Pillow raises; wrap the call in :func:`image_errors`.
     """
     with Image.open(fp) as im:
-        check_image_size(*im.size, name=str(fp) if isinstance(fp, (str, os.PathLike)) else None)
+        width, height = im.size
+        check_image_size(width, height, name=str(fp) if isinstance(fp, (str, os.PathLike)) else None)
         im.load()
         return im.copy() if im.mode in ("L", "RGB") else as_l_or_rgb(im)
 

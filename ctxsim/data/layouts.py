@@ -1,37 +1,24 @@
 """Readers for the paper's benchmark layouts (CUB, Cars196, SOP, In-Shop, iNaturalist 2021) and ``open_dataset``.
 
 Each reader returns class-disjoint ImageDatasets, ``(train, test)`` or ``(train, query, gallery)``, with the
-standard metric-learning splits:
-
-- CUB-200-2011: ``images.txt`` + ``image_class_labels.txt`` + ``images/``; classes 1-100 train, 101-200 test.
-- Cars196: classes 1-98 train, 99-196 test, from (first match wins) a list file passed as ``root``
-  ("path label" lines with labels 1..196, or the paper repo's "image_id class_id super_class_id path" form),
-  the paper repo's ``cars196_train.txt``/``cars196_test.txt``, the official ``cars_annos.mat``, or a
-  class-per-folder tree (class number = the folder name's leading integer when every folder has one,
-  else its 1-based position in natural sort order).
-- Stanford Online Products: ``Ebay_train.txt`` / ``Ebay_test.txt`` ("image_id class_id super_class_id path");
-  super-labels are kept for the hierarchical sampler.
-- In-Shop: ``list_eval_partition.txt`` (2 header lines, then "image_name item_id evaluation_status");
-  query and gallery share one label space (the union of their items), so label k is the same item in both.
-- iNaturalist 2021 ``train_mini``: class-per-folder ``NNNNN_Kingdom_Phylum_Class_Order_Family_Genus_species``;
-  the super-category (iNat 2021's 11: Plants, Insects, Birds, ...) is derived from the taxonomy in the name and
-  the species of each super-category are split in half (train gets the odd one), as in the paper; the paper's
-  shuffle was unseeded, so ours is seeded (``seed``) and the paper's own ``iNaturalist_train.txt`` /
-  ``iNaturalist_test.txt`` are used instead when present in ``root``.
-
-Class names are the dataset's own ids or folder names; class order follows the dataset's class numbers.
+standard metric-learning splits: CUB-200-2011 classes 1-100 / 101-200; Cars196 1-98 / 99-196 (from a list file,
+the authors' ``cars196_*.txt``, ``cars_annos.mat`` or a class-per-folder tree, first match wins); SOP
+``Ebay_train.txt`` / ``Ebay_test.txt`` with super-labels; In-Shop ``list_eval_partition.txt``, query and gallery
+sharing one label space; iNaturalist 2021 ``train_mini`` split 50/50 per super-category with a seed (the
+authors' ``iNaturalist_train.txt`` / ``_test.txt`` when present). Class names are the dataset's own ids or folder
+names, ordered by the dataset's class numbers. The layouts each recipe expects: docs/REPRODUCING.md.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
-from ctxsim.errors import ConfigError, DataError
 from ctxsim.data.datasets import (
     ImageDataset,
     ImageFolderDataset,
@@ -41,6 +28,10 @@ from ctxsim.data.datasets import (
     scan_class_folders,
 )
 from ctxsim.data.images import split_line, strip_comment
+from ctxsim.errors import ConfigError, DataError
+
+__all__ = ["EBAY_HEADER", "KNOWN_DATASETS", "cars196", "cub200", "inat2021", "inat_supercategory", "inshop",
+           "open_dataset", "read_ebay_list", "sop"]
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +214,7 @@ def cars196(
 
 # ---------------------------------------------------------------------- Stanford Online Products
 def sop(root: str | os.PathLike, *, on_error: str = "raise") -> tuple[ImageDataset, ImageDataset]:
-    """Stanford Online Products: ``Ebay_train.txt`` (11,318 classes) and ``Ebay_test.txt`` (11,316), with super-labels."""
+    """Stanford Online Products: ``Ebay_train.txt`` (11,318 classes) and ``Ebay_test.txt`` (11,316), super-labels."""
     base = _find_root(root, "Ebay_train.txt", ["Stanford_Online_Products"])
     return (ImageDataset(read_ebay_list(base / "Ebay_train.txt"), on_error=on_error),
             ImageDataset(read_ebay_list(base / "Ebay_test.txt"), on_error=on_error))

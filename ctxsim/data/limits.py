@@ -1,18 +1,12 @@
 """Bounds on what reading one image may allocate: its pixel count (decoding) and its aspect ratio (resizing).
 
-Decoding an image allocates width x height x channels bytes. The evaluation transform (the preprocessing contract)
-then resizes the shorter side to ``resize_size`` R before the centre crop, which for an image of aspect ratio A
-(longer side / shorter side) allocates R x A*R pixels: a 565-byte PNG of 500000 x 1 pixels would become
-128,000,000 x 256. So every reader checks the size read from the header (Pillow's lazy open: no pixels decoded yet)
-before decoding, and refuses
-
-- more than ``MAX_IMAGE_PIXELS`` pixels: :class:`ctxsim.errors.ImageTooLarge` (a server answers 413);
-- an aspect ratio over ``MAX_ASPECT_RATIO``, or an empty image: :class:`ctxsim.errors.ImageRefused` (422).
-
-Decoding then allocates at most MAX_IMAGE_PIXELS x 3 bytes (plus one mode-converted copy) and the resize at most
-R x R*MAX_ASPECT_RATIO pixels. The environment variables ``CTXSIM_MAX_IMAGE_PIXELS`` and ``CTXSIM_MAX_ASPECT_RATIO``
-override the defaults (read at each check); ``ctxsim serve --max-pixels`` sets the server's own, usually tighter,
-pixel limit for uploads. Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``) stays on as well.
+Decoding allocates width x height x channels bytes, and the eval transform's resize of the shorter side to R then
+R x A*R pixels for aspect ratio A (a 565-byte PNG of 500000 x 1 would become 128,000,000 x 256). So every reader
+checks the header's size before decoding (``check_image_size``, ``image_limits``) and refuses more than
+``MAX_IMAGE_PIXELS`` pixels (:class:`ctxsim.errors.ImageTooLarge`, HTTP 413) or an aspect ratio over
+``MAX_ASPECT_RATIO`` or an empty image (:class:`ctxsim.errors.ImageRefused`, 422). ``CTXSIM_MAX_IMAGE_PIXELS`` /
+``CTXSIM_MAX_ASPECT_RATIO`` override the defaults (read at each check); ``ctxsim serve --max-pixels`` sets the
+server's own. Pillow's decompression-bomb limit stays on as well. docs/RELIABILITY.md tells the story.
 """
 from __future__ import annotations
 
@@ -20,8 +14,8 @@ import os
 
 from ctxsim.errors import ConfigError, ImageRefused, ImageTooLarge
 
-__all__ = ["MAX_IMAGE_PIXELS", "MAX_ASPECT_RATIO", "ENV_MAX_PIXELS", "ENV_MAX_ASPECT_RATIO", "image_limits",
-           "check_image_size"]
+__all__ = ["ENV_MAX_ASPECT_RATIO", "ENV_MAX_PIXELS", "MAX_ASPECT_RATIO", "MAX_IMAGE_PIXELS", "check_image_size",
+           "image_limits"]
 
 #: Largest image decoded from a file or upload (64 MP: above a 50 MP camera, ~192 MB as RGB)
 MAX_IMAGE_PIXELS = 64_000_000

@@ -1,19 +1,11 @@
 """Omniglot read straight from the official zips (no extraction): class = alphabet/character, super-class = alphabet.
 
-The zips hold ``images_background/<Alphabet>/<characterNN>/<file>.png`` (964 characters in 30 alphabets,
-19,280 images) and ``images_evaluation/...`` (659 characters in 20 alphabets, 13,180 images); 20 drawings
-per character, 105x105, stored as 1-bit PNGs and returned as "L" images with values 0/255.
-
-Images are kept as stored: black strokes on a white background, no inversion. Recipes that want white-on-black
-must invert in their own transform.
-
-The ZipFile is opened lazily, once per process (the handle is dropped when pickled and re-opened when the
-process id changes), so DataLoader workers, forked or spawned, each read through their own file handle.
-
-``omniglot-mini`` is a real sample shipped inside the package (ctxsim/data/omniglot_mini/: 10 background and 5
-evaluation alphabets, all 20 drawings of every character, 28x28 uint8; licence and provenance beside it). It
-needs no path: ``omniglot("omniglot-mini", "evaluation")``, ``open_dataset("omniglot-mini")``, or
-``--data omniglot-mini`` with an Omniglot recipe. A folder or file of that name, where one exists, wins.
+``images_background`` (964 characters, 30 alphabets) and ``images_evaluation`` (659, 20 alphabets), 20 drawings a
+character, 105x105 1-bit PNGs returned as "L" images, black strokes on white as stored (a recipe that wants
+white-on-black inverts in its transform). The zip is opened lazily once per process, so DataLoader workers each
+read through their own handle. ``omniglot-mini``, a real sample shipped in ctxsim/data/omniglot_mini/ (its
+README: what was kept, licence, provenance), needs no path: ``omniglot("omniglot-mini", "evaluation")``,
+``open_dataset("omniglot-mini")`` or ``--data omniglot-mini``; a folder or file of that name, where one exists, wins.
 """
 from __future__ import annotations
 
@@ -21,16 +13,17 @@ import functools
 import io
 import os
 import zipfile
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ctxsim.errors import ConfigError, DataError
 from ctxsim.data.datasets import ImageDataset, Record, scan_class_folders
 from ctxsim.data.images import open_image
+from ctxsim.errors import ConfigError, DataError
 
 SPLITS = {"background": "images_background", "evaluation": "images_evaluation"}
 MINI = "omniglot-mini"  # the shipped sample's dataset name (also accepted as a root: --data omniglot-mini)
@@ -119,7 +112,7 @@ class OmniglotFolder(ImageDataset):
         on_error: str = "raise",
     ) -> None:
         self.root = Path(root)
-        records = []
+        records: list[Record] = []
         for alphabet, _ in scan_class_folders(self.root, (".png",)):
             for character, files in scan_class_folders(self.root / alphabet, (".png",)):
                 records.extend(Record(str(p), f"{alphabet}/{character}", alphabet) for p in files)
@@ -172,7 +165,8 @@ class OmniglotArrays(ImageDataset):
             raise DataError(f"Omniglot sample not found: {self.npz_path}; reinstall ctxsim")
         images, members = _read_arrays(str(self.npz_path))
         prefix = MINI if npz_path is None else str(self.npz_path)
-        keep, records = [], []
+        keep: list[int] = []
+        records: list[Record] = []
         for i, member in enumerate(members):
             top, alphabet, character, _ = PurePosixPath(member).parts
             if split_name is not None and top != split_name:
@@ -225,4 +219,4 @@ def omniglot(
                     f"or use the shipped sample: --data {MINI}")
 
 
-__all__ = ["MINI", "OmniglotArrays", "OmniglotZip", "OmniglotFolder", "mini_path", "omniglot", "omniglot_mini"]
+__all__ = ["MINI", "OmniglotArrays", "OmniglotFolder", "OmniglotZip", "mini_path", "omniglot", "omniglot_mini"]

@@ -2,22 +2,37 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ctxsim.errors import ConfigError
 
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from torch.utils.data import DataLoader
+
+    from ctxsim.data.datasets import ImageDataset
+    from ctxsim.data.device_decode import DeviceAugment
+    from ctxsim.data.samplers import HierarchicalBatchSampler, MPerClassBatchSampler
+
+    #: an evaluation split: a dataset (leave-one-out), or a (query, gallery) pair sharing one label space (In-Shop)
+    EvalSplit: TypeAlias = ImageDataset | tuple[ImageDataset, ImageDataset]
+
+__all__ = ["RunData", "build_datasets", "open_eval_dataset", "open_eval_split"]
+
 
 @dataclass
 class RunData:
-    train: object                 # ImageDataset with the train transform
-    test: object                  # held-out classes (eval transform); a (query, gallery) pair for In-Shop
-    val: object | None            # validation classes split off the training set, or None
-    sampler: object
-    loader: object
-    augment: object = None        # data.decode=device: DeviceAugment turning the loader's encoded bytes into a batch
+    train: ImageDataset           # with the train transform
+    test: EvalSplit               # held-out classes (eval transform)
+    val: ImageDataset | None      # validation classes split off the training set, or None
+    sampler: MPerClassBatchSampler | HierarchicalBatchSampler
+    loader: DataLoader[Any]
+    augment: DeviceAugment | None = None  # data.decode=device: turns the loader's encoded bytes into a batch
 
-    def eval_sets(self) -> dict[str, object]:
+    def eval_sets(self) -> dict[str, EvalSplit]:
         return {"val": self.val, "test": self.test} if self.val is not None else {"test": self.test}
 
 
@@ -79,6 +94,7 @@ def build_datasets(cfg, rank: int = 0, world_size: int = 1, device=None) -> RunD
     _set_eval_transform(test, cfg.preprocess)
     common = dict(batch_size=d.batch_size, m=d.m, num_batches=d.batches_per_epoch, seed=cfg.seed,
                   rank=rank, world_size=world_size)
+    sampler: MPerClassBatchSampler | HierarchicalBatchSampler
     if d.sampler == "hierarchical":
         sampler = HierarchicalBatchSampler(train.labels, train.super_labels, **common)
     elif d.sampler == "m_per_class":
@@ -115,7 +131,8 @@ def open_eval_dataset(cfg, preprocess, limit: int | None = None):
         raise ConfigError("this dataset evaluates with separate query and gallery sets; use its gallery folder")
     if limit is not None and limit < len(test):
         labels = np.asarray(test.labels)
-        keep, total = [], 0
+        keep: list[int] = []
+        total = 0
         for c in range(test.num_classes):
             idx = np.flatnonzero(labels == c)
             if total + len(idx) > limit and keep:

@@ -1,29 +1,22 @@
 """Batch samplers for metric learning: P classes x m images per batch, optionally from two super-classes, DDP-sharded.
 
-Both samplers yield lists of dataset indices (use them as a DataLoader ``batch_sampler``). A global batch is laid
-out class by class: ``[c1 x m, c2 x m, ..., cP x m]``. With ``world_size > 1`` every rank computes the same global
-batch (same seed and epoch) and yields its contiguous chunk of ``batch_size // world_size`` indices, which is
-whole classes because that chunk must be a multiple of m; concatenating the ranks' batches in rank order gives
-exactly the single-process batch. ``batch_size`` is always the global batch size.
-
-Determinism: the order depends only on (seed, epoch). Call ``set_epoch(epoch)`` before each epoch (as with
-``DistributedSampler``); iterating twice without it repeats the same batches. The generator is seeded with
-``numpy.random.default_rng([seed, epoch])``.
-
-Coverage: classes are drawn from a shuffled cycle (every usable class is used once before any is used again) and
-each class's images from their own shuffled cycle, so an epoch walks through the data evenly.
-Small classes (fewer than m images): by default they are kept and sampled with replacement: every image once,
-plus repeats drawn at random to reach m (so a batch may contain the same index twice). With
-``drop_small_classes=True`` they are never sampled.
+Both yield lists of dataset indices (a DataLoader ``batch_sampler``), a global batch laid out class by class.
+``batch_size`` is the global batch: with ``world_size > 1`` every rank computes the same one and yields its
+contiguous chunk (whole classes), so the ranks' chunks in rank order are the single-process batch
+(docs/DISTRIBUTED.md). The order depends only on (seed, epoch): call ``set_epoch`` before each epoch. Classes come
+from a shuffled cycle and each class's images from their own, so an epoch covers the data evenly; a class with
+fewer than m images is sampled with replacement (``drop_small_classes=True``: never).
 """
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 from torch.utils.data import Sampler
 
 from ctxsim.errors import ConfigError
+
+__all__ = ["HierarchicalBatchSampler", "MPerClassBatchSampler"]
 
 
 class _Cycle:

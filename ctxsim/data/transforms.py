@@ -9,8 +9,9 @@ stays black strokes on white, as stored.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from PIL import Image
@@ -20,6 +21,9 @@ from torchvision.transforms import InterpolationMode
 
 from ctxsim.errors import ConfigError
 from ctxsim.schema import check
+
+__all__ = ["CHANNELS", "INTERPOLATIONS", "ConvertMode", "Preprocess", "eval_transform", "make_loader",
+           "train_transform"]
 
 INTERPOLATIONS = {
     "nearest": InterpolationMode.NEAREST,
@@ -34,7 +38,7 @@ CHANNELS = {"RGB": 3, "L": 1}
 
 @dataclass(frozen=True)
 class Preprocess:
-    """Input contract of a model: crop size, resize size (shorter side), per-channel mean/std, channels, interpolation."""
+    """A model's input contract: crop size, resize size (shorter side), channel mean/std, channels, interpolation."""
 
     input_size: int
     resize_size: int
@@ -88,17 +92,17 @@ class Preprocess:
         return d
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocess":
+    def from_dict(cls, d: Mapping[str, Any]) -> Preprocess:
         """Inverse of :meth:`to_dict`; unknown or missing keys and values of the wrong type are a ConfigError."""
         return check(d, cls, "preprocess")
 
     @classmethod
-    def imagenet(cls, input_size: int = 224, resize_size: int = 256) -> "Preprocess":
+    def imagenet(cls, input_size: int = 224, resize_size: int = 256) -> Preprocess:
         """RGB with ImageNet mean/std (for ImageNet-pretrained backbones)."""
         return cls(input_size, resize_size, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "RGB", "bilinear")
 
     @classmethod
-    def greyscale(cls, input_size: int = 28, resize_size: int = 28) -> "Preprocess":
+    def greyscale(cls, input_size: int = 28, resize_size: int = 28) -> Preprocess:
         """Single-channel "L" input normalised to [-1, 1] (mean 0.5, std 0.5), e.g. Omniglot or digits."""
         return cls(input_size, resize_size, (0.5,), (0.5,), "L", "bilinear")
 

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from ctxsim.losses.registry import available_losses, build_loss, get_loss_class, register_loss
+from ctxsim.losses import multisimilarity, normsoftmax, proxy_anchor, proxy_nca, triplet  # noqa: F401  (register)
 from ctxsim.losses.base import MetricLoss, ProxyMetricLoss, same_label_matrix
 from ctxsim.losses.contextual import (
     GreaterThan,
@@ -17,23 +17,23 @@ from ctxsim.losses.contextual import (
 )
 from ctxsim.losses.contrastive import ContrastiveLoss, margin_contrastive
 from ctxsim.losses.hybrid import ContextualLoss, HybridLoss
-from ctxsim.losses import multisimilarity, normsoftmax, proxy_anchor, proxy_nca, triplet  # noqa: F401  (register)
+from ctxsim.losses.registry import available_losses, build_loss, get_loss_class, register_loss
 
 __all__ = [
-    "build_loss",
-    "available_losses",
-    "register_loss",
-    "get_loss_class",
-    "MetricLoss",
-    "ProxyMetricLoss",
-    "HybridLoss",
     "ContextualLoss",
     "ContrastiveLoss",
-    "contextual_similarity",
-    "contextual_loss",
-    "margin_contrastive",
-    "similarity_regularizer",
-    "same_label_matrix",
     "GreaterThan",
+    "HybridLoss",
+    "MetricLoss",
+    "ProxyMetricLoss",
+    "available_losses",
+    "build_loss",
+    "contextual_loss",
+    "contextual_similarity",
+    "get_loss_class",
     "greater_than",
+    "margin_contrastive",
+    "register_loss",
+    "same_label_matrix",
+    "similarity_regularizer",
 ]

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from ctxsim.errors import ConfigError, DataError
 
-__all__ = ["MetricLoss", "same_label_matrix", "float32_region"]
+__all__ = ["MetricLoss", "float32_region", "same_label_matrix"]
 
 
 def same_label_matrix(labels: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -80,7 +80,7 @@ class MetricLoss(nn.Module):
 
     uses_proxies: ClassVar[bool] = False
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels)
         with float32_region(embeddings.device):
             return self.compute(embeddings.float(), labels)
@@ -99,7 +99,7 @@ class ProxyMetricLoss(MetricLoss):
         self.num_classes = check_int("num_classes", num_classes, 1)
         self.embedding_dim = check_int("embedding_dim", embedding_dim, 1)
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:  # noqa: D102
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels)
         if embeddings.shape[1] != self.embedding_dim:
             raise DataError(

@@ -1,39 +1,17 @@
-"""Contextual similarity, contextual loss and similarity regulariser (Liao et al., ICML 2023, Sec. 3).
+"""Contextual similarity, contextual loss and similarity regulariser (Liao et al., ICML 2023, Sec. 3, Eqs. 1-5).
 
-Paper: C. Liao, T. Tsiligkaridis, B. Kulis, "Supervised Metric Learning to Rank for Retrieval via Contextual
-Similarity Optimization", ICML 2023, arXiv 2210.01908. Sec. 3 (Eqs. 1-5) builds the contextual similarity
-from k-nearest-neighbour sets and the contextual loss on it; the hybrid loss (Eq. 6) is in `hybrid.py`.
-The equation numbers of the individual steps below were not checked one by one; we point to Sec. 3.
+Follows the authors' `losses.py` (github.com/Chris210634/metric-learning-using-contextual-similarity:
+`get_jaccard_similarity`, `contrastive_jaccard`, `GreaterThan`) operation for operation. For the cosine
+similarities S of L2-normalised embeddings and D = max(0, 2 - 2 S):
 
-This module follows the authors' official code (`losses.py` of
-github.com/Chris210634/metric-learning-using-contextual-similarity, functions `get_jaccard_similarity`,
-`contrastive_jaccard`, `GreaterThan`) operation for operation. For a cosine-similarity matrix S of
-L2-normalised embeddings (n x n), with D = max(0, 2 - 2 S) the squared Euclidean distance:
+    N_ij = H(v_i + eps - D_ij)     v_i: distance of i's k-th nearest neighbour (i included); H(0) = 1
+    W~_ij = N_ij (|N_i & N_j| / |N_i| + |~N_i & ~N_j| / |~N_i|) / 2;   R_ij = N2_ij N2_ji at the (k/2)-th
+    W = R W~ / rowsum(R);   contextual similarity = (W + W^T) / 2
+    contextual loss = (1/n^2) sum_{i != j} [y_ij (1 - W'_ij)^2 + (1 - y_ij) W'_ij^2];  regulariser = (mean S - t)^2
 
-    v_i        = distance of i's k-th nearest neighbour (i itself is its own nearest, so it counts)
-    N_ij       = H(v_i + eps - D_ij)                  neighbourhood indicator, H the step (H(0) = 1)
-    W~_ij      = N_ij * ( |N_i & N_j| / |N_i| + |~N_i & ~N_j| / |~N_i| ) / 2
-    N2_ij      = H(v2_i + eps - D_ij)                 v2_i = distance of the (k/2)-th nearest neighbour
-    R_ij       = N2_ij * N2_ji                        mutual (k/2)-neighbours
-    W_ij       = sum_l R_il W~_lj / sum_l R_il        query expansion over R_i
-    contextual similarity = (W + W^T) / 2
-    contextual loss = (1/n^2) sum_{i != j} [ y_ij (1 - W'_ij)^2 + (1 - y_ij) W'_ij^2 ],  y_ij = same label
-    regulariser     = (mean_ij S_ij - target)^2        (mean over all n^2 entries, diagonal included)
-
-Where the code (and so this module) is more specific than the paper text:
-  * Heuristic gradient. H is a hard step in the forward pass; its backward pass is `alpha * grad` for the
-    argument and `-alpha * grad` for the threshold (official code: alpha = 10, hard-coded; configurable here).
-    The thresholds v_i, v2_i are detached, so in practice only the argument's gradient reaches S, as
-    dN_ij/dS_ij = 2 * alpha (through D = 2 - 2 S). The contextual similarity is piecewise constant in S, so
-    this heuristic term is the whole gradient of the contextual loss.
-  * Detach choices (as the code): |N_i| and |~N_i| are detached; the query-expansion normaliser sum_l R_il is
-    NOT detached, so gradient also flows through it.
-  * eps widens both neighbourhoods to every point within eps of the k-th (resp. (k/2)-th) nearest distance,
-    so |N_i| can exceed k. The official 256-px `contrastive_jaccard` hard-codes k = 4; here k is an argument.
-  * Empty sets: where ~N_i is empty (the neighbourhood covers the whole batch) the code divides 0 by 0 and
-    returns NaN; here that term is 0. Likewise a row of R with no entry gives 0 instead of NaN. Nothing changes
-    where the official code is finite. The clamp of D at 0 is kept (its gradient is 0 at and below 0).
-  * The contextual loss divides by n^2 although the n diagonal pairs are excluded from the sum.
+H's backward is the heuristic ``alpha * grad`` (official: 10), the whole gradient of the piecewise-constant term;
+|N_i|, |~N_i| and the thresholds are detached, rowsum(R) is not; empty sets give 0 where the code gives NaN.
+The terms, the detach choices and where the paper's text and the code differ: docs/LOSS.md.
 """
 from __future__ import annotations
 
@@ -47,9 +25,9 @@ from ctxsim.losses.base import check_float, check_int, same_label_matrix
 
 __all__ = [
     "GreaterThan",
-    "greater_than",
-    "contextual_similarity",
     "contextual_loss",
+    "contextual_similarity",
+    "greater_than",
     "similarity_regularizer",
 ]
 
@@ -62,14 +40,14 @@ class GreaterThan(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, y: Tensor, alpha: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx: Any, x: Tensor, y: Tensor, alpha: float) -> Tensor:
         ctx.alpha = float(alpha)
         ctx.x_shape = x.shape
         ctx.y_shape = y.shape
         return (x >= y).to(torch.result_type(x, y))
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
         gx = gy = None
         if ctx.needs_input_grad[0]:
             gx = (grad * ctx.alpha).sum_to_size(ctx.x_shape)

@@ -21,7 +21,7 @@ from torch import Tensor
 from ctxsim.losses.base import MetricLoss, check_float, same_label_matrix
 from ctxsim.losses.registry import register_loss
 
-__all__ = ["margin_contrastive", "ContrastiveLoss"]
+__all__ = ["ContrastiveLoss", "margin_contrastive"]
 
 
 def margin_contrastive(scores: Tensor, w: Tensor, pos_margin: float = 0.9, neg_margin: float = 0.6) -> Tensor:

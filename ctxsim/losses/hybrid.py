@@ -1,18 +1,11 @@
 """Hybrid loss of Liao et al. (ICML 2023, Eq. 6): contextual + margin contrastive + similarity regulariser.
 
-Paper Eq. 6 (arXiv 2210.01908):   loss = lam * contextual + (1 - lam) * contrastive + gamma * regulariser.
-The official 256-px training script (main.py, `--loss hybrid`) weights the terms differently:
-                                  loss = lam * contextual + (1 - lam - gamma) * contrastive + gamma * regulariser
-with defaults lam = 0.4, gamma = 0.1, reg_sim = 0.25, eps = 0.05, pos_margin = 0.75, neg_margin = 0.6, k = 4.
-`weighting="paper"` (default) gives Eq. 6, `weighting="official256"` the script's weights. (The official
-224-px script uses loss = lam' * contrastive + (1 - lam') * contextual, i.e. lam = 1 - lam' here, with the
-regulariser added separately.) Registered as "hybrid", and as "contextual" with lam = 1 (contextual loss plus
-regulariser, no contrastive term).
-
-The three terms are computed on S = f f^T of L2-normalised embeddings f, in float32 with autocast disabled,
-as the official code does (`scores = f.float() @ f.float().T` under `autocast(enabled=False)`). The
-contextual term's gradient is the heuristic step gradient with strength `alpha` (official: 10); see
-`ctxsim.losses.contextual` for that and for the detach choices taken from the code.
+``weighting="paper"`` (default, Eq. 6): lam * contextual + (1 - lam) * contrastive + gamma * regulariser;
+``weighting="official256"`` (the authors' 256-px main.py): lam * contextual + (1 - lam - gamma) * contrastive +
+gamma * regulariser, defaults lam 0.4, gamma 0.1, reg_sim 0.25, eps 0.05, margins 0.75 / 0.6, k 4. Registered as
+"hybrid", and as "contextual" with lam = 1 (no contrastive term). The terms are computed on S = f f^T in float32
+with autocast off, as the official code does; the contextual term's gradient and detach choices are in
+``ctxsim.losses.contextual``. The weightings side by side (the 224-px script's included): docs/LOSS.md.
 """
 from __future__ import annotations
 
@@ -25,7 +18,7 @@ from ctxsim.losses.contextual import contextual_loss, similarity_regularizer
 from ctxsim.losses.contrastive import margin_contrastive
 from ctxsim.losses.registry import register_loss
 
-__all__ = ["HybridLoss", "ContextualLoss", "WEIGHTINGS"]
+__all__ = ["WEIGHTINGS", "ContextualLoss", "HybridLoss"]
 
 WEIGHTINGS = ("paper", "official256")
 TERMS = ("contextual", "contrastive", "regularizer")

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from torch import nn
 
 from ctxsim.errors import ConfigError
 
-__all__ = ["register_loss", "build_loss", "available_losses", "get_loss_class", "normalize_loss_name"]
+__all__ = ["available_losses", "build_loss", "get_loss_class", "normalize_loss_name", "register_loss"]
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 
@@ -56,7 +57,7 @@ def get_loss_class(name: str) -> type[nn.Module]:
         ) from None
 
 
-def _init_params(cls: type) -> tuple[dict[str, inspect.Parameter], bool]:
+def _init_params(cls: type[Any]) -> tuple[dict[str, inspect.Parameter], bool]:
     sig = inspect.signature(cls.__init__)
     params = {n: p for n, p in list(sig.parameters.items())[1:]
               if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}

@@ -1,4 +1,4 @@
-"""Triplet margin loss with distance-weighted mining, a baseline of Liao et al. (ICML 2023), via pytorch-metric-learning.
+"""Triplet margin loss with distance-weighted mining, a baseline of Liao et al. (ICML 2023), via pytorch-metric-learning
 
 As the official main.py: `TripletMarginLoss(margin=0.05)` on tuples from `DistanceWeightedMiner()`.
 """

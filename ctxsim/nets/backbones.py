@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
+
+__all__ = ["BACKBONES", "SmallConvNet", "build_backbone", "load_lite0_imagenet_state", "load_weights_file"]
 
 log = logging.getLogger(__name__)
 
@@ -63,19 +66,19 @@ def _out_channels(trunk: nn.Module) -> int:
 class _TimmTrunk(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
-        self.model = model
+        self.model: Any = model  # a timm model: forward_features is timm's, not nn.Module's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model.forward_features(x)
 
 
-def _timm(name: str, pretrained: str | None) -> tuple[nn.Module, int]:
+def _timm(name: str, pretrained: str | None) -> tuple[_TimmTrunk, int]:
     try:
         import timm
     except ImportError:
         raise MissingDependency(f"backbone timm:{name} needs timm: pip install 'ctxsim[timm]'") from None
-    model = timm.create_model(name, pretrained=pretrained not in (None, "none", "file"), num_classes=0)
-    return _TimmTrunk(model), model.num_features
+    model: Any = timm.create_model(name, pretrained=pretrained not in (None, "none", "file"), num_classes=0)
+    return _TimmTrunk(model), int(model.num_features)
 
 
 def _efficientnet_lite0(pretrained: str | None) -> tuple[nn.Module, int]:
@@ -113,7 +116,7 @@ _TORCHVISION = ("resnet18", "resnet34", "resnet50", "mobilenet_v3_small", "mobil
 BACKBONES: dict[str, Callable[..., tuple[nn.Module, int]]] = {
     "convnet": lambda pretrained, in_channels: (lambda m: (m, m.out_channels))(SmallConvNet(in_channels)),
     "efficientnet_lite0": lambda pretrained, in_channels: _efficientnet_lite0(pretrained),
-    **{n: (lambda n: lambda pretrained, in_channels: _torchvision(n, pretrained))(n) for n in _TORCHVISION},
+    **{n: (lambda arch: lambda pretrained, in_channels: _torchvision(arch, pretrained))(n) for n in _TORCHVISION},
 }
 
 
@@ -140,7 +143,7 @@ def load_weights_file(module: nn.Module, path: str | Path) -> None:
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever torch.load raises, the file is not tensors only
             raise ArtifactError(f"{path} is not a tensor-only weights file ({e.__class__.__name__}); "
                                 "convert it to safetensors") from None
     missing, unexpected = module.load_state_dict(state, strict=False)

@@ -1,4 +1,4 @@
-"""The model card (model.json) and run-folder model I/O: weights in safetensors, architecture and preprocessing in JSON."""
+"""The model card (model.json) and run-folder model I/O: weights in safetensors, architecture and preprocessing JSON."""
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +15,9 @@ from ctxsim.errors import ArtifactError, ConfigError
 from ctxsim.io import atomic_write_json, atomic_write_safetensors, read_json, sha256_file
 from ctxsim.nets.embedding import EmbeddingNet, ModelSpec
 from ctxsim.schema import check_fields
+
+__all__ = ["CARD", "WEIGHTS", "ModelCard", "check_weights", "fingerprint", "inference_state", "load_run", "read_card",
+           "save_model"]
 
 WEIGHTS = "model.safetensors"
 CARD = "model.json"
@@ -39,7 +42,7 @@ class ModelCard:
                 **({"weights_sha256": self.weights_sha256} if self.weights_sha256 else {})}
 
     @classmethod
-    def from_dict(cls, d: Any, where: str = CARD) -> "ModelCard":
+    def from_dict(cls, d: Any, where: str = CARD) -> ModelCard:
         """Check ``d`` (model.json's content) field by field: ArtifactError (one line) naming the first problem."""
         hint = "restore the run folder from a copy or re-train"
         if not isinstance(d, dict):
@@ -118,7 +121,7 @@ def load_run(run_dir: str | Path, weights: str = WEIGHTS) -> tuple[EmbeddingNet,
         raise ArtifactError(f"{path} not found; the run has no weights yet")
     try:
         state = load_file(str(path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001 - whatever safetensors raises, the file is not readable weights
         raise ArtifactError(f"{path} is not a readable safetensors file ({e}); re-train or re-copy it") from None
     if weights == WEIGHTS:
         check_weights(path, card, state)

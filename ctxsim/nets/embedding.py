@@ -11,6 +11,8 @@ from ctxsim.nets.backbones import build_backbone
 from ctxsim.nets.pooling import build_pooling, l2_normalize
 from ctxsim.schema import check
 
+__all__ = ["EmbeddingNet", "ModelSpec"]
+
 
 @dataclass
 class ModelSpec:
@@ -32,7 +34,7 @@ class ModelSpec:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ModelSpec":
+    def from_dict(cls, d: dict) -> ModelSpec:
         """Inverse of :meth:`to_dict`; unknown keys and values of the wrong type are a ConfigError."""
         return check(d, cls, "model")
 
@@ -63,7 +65,7 @@ class EmbeddingNet(nn.Module):
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
 
-    def train(self, mode: bool = True) -> "EmbeddingNet":
+    def train(self, mode: bool = True) -> EmbeddingNet:
         super().train(mode)
         if mode and self.spec.frozen_bn:
             for m in self.backbone.modules():

@@ -7,6 +7,8 @@ from torch import nn
 
 from ctxsim.errors import ConfigError
 
+__all__ = ["GeM", "build_pooling", "l2_normalize"]
+
 
 class GeM(nn.Module):
     """Generalised-mean pooling (Radenovic et al.) with a learnable exponent p."""

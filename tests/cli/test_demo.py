@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from PIL import Image
 
 STAGES = {"untrained evaluation", "training", "export + parity", "gallery + index", "search", "bench"}

@@ -17,8 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from ctxsim.config import resolve_config
 from ctxsim.errors import ArtifactError
-from ctxsim.io import FAULT_ENV, atomic_path, atomic_write_bytes, atomic_write_safetensors, sweep_stale_temps
-from ctxsim.io import _host_tag
+from ctxsim.io import FAULT_ENV, _host_tag, atomic_path, atomic_write_bytes, atomic_write_safetensors, sweep_stale_temps
 from ctxsim.train import read_best, read_checkpoint, resume, train, write_checkpoint
 
 EPOCHS = 3
@@ -54,7 +53,7 @@ def _train_killed_at(point: str, run: Path) -> subprocess.Popen:
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str]:
-    out, err = proc.communicate(timeout=600)
+    _out, err = proc.communicate(timeout=600)
     return proc.returncode, err
 
 

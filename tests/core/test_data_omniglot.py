@@ -8,13 +8,13 @@ import os
 import pickle
 import subprocess
 import sys
-import tomllib
 import zipfile
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 
 from ctxsim.config import resolve_config
@@ -93,7 +93,8 @@ def test_fake_zips_are_the_same_in_every_process(fake_omniglot, tmp_path):
     """The fixture's generator is seeded, not hash()-based: another process (another hash seed) writes the same."""
     again = tmp_path / "again"
     code = ("import importlib.util, sys, pathlib; s = importlib.util.spec_from_file_location('c', sys.argv[1]); "
-            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); m.make_fake_omniglot(pathlib.Path(sys.argv[2]))")
+            "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); "
+            "m.make_fake_omniglot(pathlib.Path(sys.argv[2]))")
     subprocess.run([sys.executable, "-c", code, str(REPO / "tests" / "conftest.py"), str(again)], check=True,
                    env={**os.environ, "PYTHONHASHSEED": "12345"}, timeout=300)
     for name in ("images_background.zip", "images_evaluation.zip"):
@@ -218,8 +219,9 @@ def test_sample_pixels_are_the_scripts_reduction():
     script = load_script()
     white = np.ones((105, 105), bool)
     white[40:60, 50:53] = False  # a stroke
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     buf = io.BytesIO()
     Image.fromarray(white).save(buf, "PNG")

@@ -102,7 +102,7 @@ def test_flip_mirrors_the_image(tmp_path):
 def test_trainer_runs_an_epoch_with_device_decode(tmp_path):
     cfg = config(jpeg_tree(tmp_path / "data"))
     data = build_datasets(cfg)
-    x, y = next(iter(data.loader))
+    x, _y = next(iter(data.loader))
     assert isinstance(x, list) and x[0].dtype == torch.uint8 and x[0].dim() == 1 and len(x) == 6
     assert data.augment(x).shape == (6, 3, 32, 32)
     trainer = Trainer(cfg, tmp_path / "run")

@@ -1,6 +1,7 @@
 """Tests for ctxsim.evaluate: hand-computed cases, pytorch-metric-learning's AccuracyCalculator, chunking, memory."""
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import sys
@@ -185,7 +186,7 @@ def test_recall_monotone_in_k_and_chunking_invariant():
     ks = (1, 2, 4, 8, 16, 32)
     m = retrieval_metrics(x, labels, ks=ks)
     recalls = [m[f"R@{k}"] for k in ks]
-    assert all(a <= b for a, b in zip(recalls, recalls[1:]))
+    assert all(a <= b for a, b in itertools.pairwise(recalls))
     assert recalls[0] < recalls[-1]
     for v in m.values():
         assert 0.0 <= v <= 1.0

@@ -124,7 +124,7 @@ def test_torch_inputs_and_auto_backend():
     np.testing.assert_array_equal(i_np, i_t)
     np.testing.assert_array_equal(s_np, s_t)
     # float64 input is accepted and cast to float32
-    s64, i64 = knn(q.astype(np.float64), g.astype(np.float64), 5)
+    _s64, i64 = knn(q.astype(np.float64), g.astype(np.float64), 5)
     np.testing.assert_array_equal(i64, i_np)
 
 
@@ -183,7 +183,7 @@ class TestValidation:
             knn(self.q, self.g, k)
 
     def test_k_too_large(self):
-        s, i = knn(self.q, self.g, 10)  # k == N is fine
+        _s, i = knn(self.q, self.g, 10)  # k == N is fine
         assert i.shape == (5, 10)
         with pytest.raises(ConfigError, match="k=11 but there are only 10 gallery items"):
             knn(self.q, self.g, 11)

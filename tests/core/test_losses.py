@@ -234,7 +234,7 @@ def test_contextual_similarity_matches_naive(k, eps, seed):
 def test_contextual_similarity_whole_batch_neighbourhood_is_finite():
     # eps so large that every N_i is the whole batch: the official code divides 0 by 0 (NaN); here the
     # complement term is 0 and the result matches the naive definition.
-    _, labels, S = random_case(n=6, k=2, eps=4.5, seed=7)
+    _, _labels, S = random_case(n=6, k=2, eps=4.5, seed=7)
     js = contextual_similarity(S, k=2, eps=4.5)
     assert torch.isfinite(js).all()
     want = torch.tensor(naive_contextual_similarity(_tolist(S), 2, 4.5), dtype=torch.float64)

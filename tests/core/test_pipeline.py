@@ -25,7 +25,7 @@ def test_plain_folder_holds_out_whole_classes(tmp_path):
     train_names = set(data.train.class_names)
     test_names = set(data.test.class_names)
     assert len(train_names) == 3 and len(test_names) == 3 and not train_names & test_names
-    x, y = data.test[0]
+    x, _y = data.test[0]
     assert tuple(x.shape) == (1, 32, 32)  # eval transform of the recipe (32 px greyscale)
 
 

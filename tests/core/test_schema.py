@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from ctxsim.config import load_yaml, recipe_path, resolve_config
 from ctxsim.errors import ArtifactError, ConfigError, CtxsimError
 from ctxsim.schema import check, check_fields
+
 from hostile_helpers import assert_one_line, mutated, run_main
 
 

@@ -56,7 +56,7 @@ def test_run_folder_contents(tmp_path):
     best_weights = load_file(str(run / "checkpoints" / "best.safetensors"))
     final = load_file(str(run / "model.safetensors"))
     assert torch.equal(best_weights["head.weight"], final["head.weight"]) == (best["epoch"] == 2)
-    model, card = load_run(run)
+    _model, card = load_run(run)
     assert card.embedding_dim == 64 and card.preprocess.channels == "L"
     assert not list(run.rglob(".*.tmp"))
     ckpt = read_checkpoint(run)  # one file: weights and trainer state of the same epoch, with the history

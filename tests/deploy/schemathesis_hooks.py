@@ -2,8 +2,8 @@
 
 The upload fields are ``format: binary``: any bytes satisfy the schema, but only an image is accepted (415
 otherwise), which JSON Schema cannot say. So schema-valid ("positive") uploads are drawn here as real images: PNG,
-JPEG or BMP, greyscale or colour, 1 to 48 pixels a side (inside every decoding limit: aspect ratio <= 48). Invalid ("negative") data
-is still Schemathesis's own: wrong types, missing fields, out-of-range ``k``.
+JPEG or BMP, greyscale or colour, 1 to 48 pixels a side (inside every decoding limit: aspect ratio <= 48). Invalid
+("negative") data is still Schemathesis's own: wrong types, missing fields, out-of-range ``k``.
 """
 from __future__ import annotations
 

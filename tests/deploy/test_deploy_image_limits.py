@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,8 +53,9 @@ def _concurrently(url, uploads, path="/search"):
 
 
 def test_the_565_byte_upload_gets_422_at_once(index_dir):
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     from ctxsim.deploy import create_app
 
@@ -82,7 +84,7 @@ def test_one_bad_upload_among_concurrent_good_ones(index_dir):
     from ctxsim.deploy import create_app
 
     paths = _gallery(index_dir)[::2][:6]
-    uploads = [open(p, "rb").read() for p in paths]
+    uploads = [Path(p).read_bytes() for p in paths]
     uploads.insert(3, png(3000, 2, seed=7))
     app = create_app(index_dir, reload_every_s=0, device="cpu", max_batch=16, batch_wait_ms=100)
     with running(app) as url:
@@ -120,7 +122,7 @@ def test_one_image_failing_in_a_batch_fails_only_its_request(index_dir, other_ru
 
     model = _Poisoned(Embedder.from_artifact(other_run_dir, device="cpu"), (27, 29))
     paths = _gallery(index_dir)[1::2][:6]
-    uploads = [open(p, "rb").read() for p in paths]
+    uploads = [Path(p).read_bytes() for p in paths]
     uploads.insert(2, png(27, 29, seed=3))
     app = create_app(index_dir, model=model, reload_every_s=0, max_batch=16, batch_wait_ms=200)
     with running(app) as url:

@@ -181,7 +181,7 @@ def test_default_params():
 def test_search_clips_k_and_checks_dims():
     emb = np.eye(3, 8, dtype=np.float32)
     idx = Index.from_embeddings(emb, "flat")
-    s, i = idx.search(emb[:1], 10)
+    _s, i = idx.search(emb[:1], 10)
     assert i.shape == (1, 3) and i[0, 0] == 0
     with pytest.raises(ConfigError, match="shape"):
         idx.search(np.ones((1, 5), np.float32), 1)

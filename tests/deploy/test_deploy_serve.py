@@ -124,7 +124,7 @@ def test_oversized_chunked_upload(server):
 
 
 def test_concurrent_clients_are_batched(server, gallery_dir):
-    url, app = server
+    url, _app = server
     before = httpx.get(f"{url}/info", headers=AUTH, timeout=10).json()["batching"]
     paths = sorted(gallery_dir.rglob("*.png"))[::7][:32]
     barrier = threading.Barrier(len(paths))
@@ -222,6 +222,7 @@ def test_follow_model_refuses_a_model_that_failed_parity(tmp_path, flat_index, e
     is refused, and the served model and index stay."""
     from ctxsim.deploy import build_index, create_app
     from ctxsim.export import check_parity, export_onnx
+
     from export_helpers import make_run, perturb_onnx
 
     run = make_run(tmp_path / "run2", "convnet", omniglot_dir, seed=2)
@@ -291,7 +292,8 @@ def test_prometheus_metrics(server, gallery_dir):
     for _ in range(3):
         assert httpx.post(f"{url}/search", headers=AUTH, files={"image": (img.name, _png(img), "image/png")},
                           timeout=30).status_code == 200
-    assert httpx.post(f"{url}/search", files={"image": (img.name, _png(img), "image/png")}, timeout=30).status_code == 401
+    assert httpx.post(f"{url}/search", files={"image": (img.name, _png(img), "image/png")},
+                      timeout=30).status_code == 401
     assert httpx.get(f"{url}/metrics", timeout=10).status_code == 401
     after = scrape()
 

@@ -9,6 +9,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,20 +128,37 @@ def test_server_answers_500_for_a_nan_embedding_alone(flat_index, run_dir, galle
     Image.new("L", (105, 105), 0).save(buf, format="PNG")
     black = buf.getvalue()
     good = _query(gallery_dir)
-    app = create_app(flat_index, model=poisoned, reload_every_s=0, batch_wait_ms=500, max_batch=8)
+    app = create_app(flat_index, model=poisoned, reload_every_s=0, batch_wait_ms=2000, max_batch=8)
+    batcher = app.state.batcher
+
+    def until(pred):
+        deadline = time.time() + 30
+        while not pred():
+            assert time.time() < deadline, "timed out"
+            time.sleep(0.005)
+
     with running(app) as url:
-        barrier = threading.Barrier(2)
         replies: dict = {}
 
-        def client(name, data):
-            with httpx.Client(timeout=60) as c:
-                barrier.wait()
-                replies[name] = c.post(f"{url}/search", files={"image": ("q.png", data, "image/png")},
-                                       data={"k": "3"})
+        def streamed():  # the black image's request is still arriving when the good one is queued
+            yield (b'--bnd\r\nContent-Disposition: form-data; name="k"\r\n\r\n3\r\n--bnd\r\nContent-Disposition: '
+                   b'form-data; name="image"; filename="q.png"\r\nContent-Type: image/png\r\n\r\n')
+            until(lambda: batcher.queue_depth == 1)
+            yield black + b"\r\n--bnd--\r\n"
 
-        threads = [threading.Thread(target=client, args=a) for a in (("black", black), ("good", good.read_bytes()))]
-        for t in threads:
-            t.start()
+        def client(name, **kw):
+            with httpx.Client(timeout=60) as c:
+                replies[name] = c.post(f"{url}/search", **kw)
+
+        # a lone request goes at once; one queued while another is being received waits for it (batch_wait_ms at
+        # most), so the pair is one batch
+        threads = [threading.Thread(target=client, args=("black",), kwargs={
+            "content": streamed(), "headers": {"Content-Type": "multipart/form-data; boundary=bnd"}})]
+        threads[0].start()
+        until(lambda: batcher.receiving == 1)
+        threads.append(threading.Thread(target=client, args=("good",), kwargs={
+            "files": {"image": ("q.png", good.read_bytes(), "image/png")}, "data": {"k": "3"}}))
+        threads[1].start()
         for t in threads:
             t.join(timeout=120)
         assert replies["black"].status_code == 500, replies["black"].text

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_verified_deploy import flip_tensor_bytes
 
 

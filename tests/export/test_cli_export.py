@@ -46,7 +46,8 @@ def test_failed_parity_exits_1_with_one_line(tmp_path, convnet_run, convnet_expo
                           env={**os.environ, "COLUMNS": "200"})
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = proc.stderr.strip().splitlines()  # the progress bar, then the verdict
-    assert lines[-1].startswith("error: parity failed for model.onnx (fp32): min cosine") and "(min_cosine)" in lines[-1]
+    assert lines[-1].startswith("error: parity failed for model.onnx (fp32): min cosine")
+    assert "(min_cosine)" in lines[-1]
     assert not any("min_cosine" in line for line in lines[:-1]) and "Traceback" not in proc.stderr  # said once
     assert "FAIL" in proc.stdout  # the table is printed first
 

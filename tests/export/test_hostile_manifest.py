@@ -7,11 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from hostile_helpers import assert_one_line, mutated, run_main
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ctxsim.errors import CtxsimError
+
+from hostile_helpers import assert_one_line, mutated, run_main
 
 PROPERTY = settings(max_examples=30, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])

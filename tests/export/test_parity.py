@@ -7,10 +7,17 @@ import numpy as np
 import pytest
 
 from ctxsim.errors import ConfigError, FingerprintMismatch, ParityFailed
-from ctxsim.export import assert_parity, check_parity, export_onnx, parse_thresholds
-from ctxsim.export.parity import (DEFAULT_THRESHOLDS, cosine_rows, cross_recall_at_1, r1_flips, r1_margins,
-                                  resolve_thresholds, topk_jaccard)
 from ctxsim.evaluate import retrieval_metrics
+from ctxsim.export import assert_parity, check_parity, export_onnx, parse_thresholds
+from ctxsim.export.parity import (
+    DEFAULT_THRESHOLDS,
+    cosine_rows,
+    cross_recall_at_1,
+    r1_flips,
+    r1_margins,
+    resolve_thresholds,
+    topk_jaccard,
+)
 
 from export_helpers import make_run, perturb_onnx
 
@@ -142,9 +149,9 @@ def test_measures_on_small_arrays():
 
 
 def test_r1_margins_match_recall_at_1_on_real_embeddings(fp32_report, convnet_run, convnet_export):
-    from ctxsim.export.parity import _embed_both
     from ctxsim.data.pipeline import open_eval_dataset
     from ctxsim.export import open_runner
+    from ctxsim.export.parity import _embed_both
     from ctxsim.nets import load_run
     from ctxsim.runs import run_config
 

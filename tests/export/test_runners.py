@@ -1,8 +1,8 @@
 """Runners: opening artifacts, rejecting damaged or foreign files with one-line ArtifactErrors, input checks."""
 from __future__ import annotations
 
-import io
 import importlib.util
+import io
 import sys
 
 import numpy as np
@@ -137,8 +137,9 @@ def test_no_onnxruntime_names_the_extras(monkeypatch, convnet_export):
 
 
 def test_onnxruntime_is_an_extra_not_a_core_dependency():
-    import tomllib
     from pathlib import Path
+
+    import tomllib
 
     project = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["project"]
     assert not any(d.startswith("onnxruntime") for d in project["dependencies"])

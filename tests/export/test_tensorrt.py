@@ -13,8 +13,16 @@ import torch
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
 from ctxsim.export import build_engine, check_engine_compatible
-from ctxsim.export.tensorrt import (SUPPORTED_MAJORS, TRT_HINT, engine_precision, engine_sidecar, network_flags,
-                                    read_sidecar, sidecar_path, tensorrt_major)
+from ctxsim.export.tensorrt import (
+    SUPPORTED_MAJORS,
+    TRT_HINT,
+    engine_precision,
+    engine_sidecar,
+    network_flags,
+    read_sidecar,
+    sidecar_path,
+    tensorrt_major,
+)
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 NEEDS_TRT = pytest.mark.skipif(not (HAS_TRT and torch.cuda.is_available()),

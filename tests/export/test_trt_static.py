@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from ctxsim.errors import ArtifactError, ConfigError
 from ctxsim.export.trt_compat import check_onnx_for_tensorrt, load_support, onnx_problems, removed_api_uses
+
 from export_helpers import make_run
 
 REPO = Path(__file__).resolve().parents[2]
