@@ -34,7 +34,8 @@ from PIL import Image
 
 from ctxsim.errors import ConfigError, ImageRefused, NonFiniteEmbedding
 
-__all__ = ["DECODE_PARALLEL_BYTES", "DEFAULT_MAX_PIXELS", "DynamicBatcher", "HTTPError", "decode_upload", "refused"]
+__all__ = ["DECODE_PARALLEL_BYTES", "DEFAULT_MAX_PIXELS", "DynamicBatcher", "HTTPError", "cancel_task", "decode_upload",
+           "refused"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +43,14 @@ DEFAULT_MAX_PIXELS = 40_000_000  # the server's default pixel limit for uploads 
 #: a batch whose uploads add up to more than this is decoded in the decode pool (in parallel); smaller ones in
 #: the worker itself, where a thread hand-off would cost more than the decoding
 DECODE_PARALLEL_BYTES = 256 * 1024
+
+
+async def cancel_task(task: asyncio.Task | None) -> None:
+    """Cancel a background task of the server (the batcher, the index watcher) and wait until it has ended."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 class HTTPError(Exception):
@@ -168,10 +177,7 @@ class DynamicBatcher:
         self._task = asyncio.create_task(self._loop(), name="ctxsim-batcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_task(self._task)
         self._pool.shutdown(wait=True, cancel_futures=True)
         if self._decode_pool is not None:
             self._decode_pool.shutdown(wait=True, cancel_futures=True)

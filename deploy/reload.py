@@ -12,11 +12,11 @@ shown in ``/info``) and the previous one keeps serving.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from pathlib import Path
 from typing import Any
 
+from ctxsim.deploy.batcher import cancel_task
 from ctxsim.errors import ConfigError
 
 __all__ = ["IndexWatcher"]
@@ -47,10 +47,7 @@ class IndexWatcher:
             self._task = asyncio.create_task(self._loop(), name="ctxsim-index-watcher")
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_task(self._task)
 
     async def _loop(self) -> None:
         while True:
