@@ -400,17 +400,29 @@ def build_from_embeddings(emb: np.ndarray, paths_labels: Sequence[tuple[str, str
     p: dict[str, Any] = check_params(index_type, params, n, d)
     items = [Item(i, path, label) for i, (path, label) in enumerate(paths_labels)]
     if engine == "milvus":
-        from ctxsim.deploy.index_milvus import DEFAULT_COLLECTION, DEFAULT_URI, create_collection, milvus_record
+        from ctxsim.deploy.index_milvus import (
+            DEFAULT_URI,
+            create_collection,
+            drop_collection,
+            milvus_record,
+            new_collection_name,
+        )
 
-        record = milvus_record(uri or DEFAULT_URI, collection or DEFAULT_COLLECTION, index_type, p)
+        record = milvus_record(uri or DEFAULT_URI, collection or new_collection_name(), index_type, p)
         with writer_lock(folder):
             prev_gen = _previous_generation(folder)
+            prev: Any = None
+            with contextlib.suppress(Exception):
+                prev = read_json(folder / META).get("milvus")
             mb = create_collection(folder, record, emb, fingerprint, overwrite=True)
             mb.close()
             info = IndexInfo(path=str(folder), index_type=index_type, fingerprint=fingerprint, dim=d, count=n,
                              params=p, generation=prev_gen, model=model, backend=model_backend, engine="milvus",
                              milvus=record)
             info = commit(folder, info, items, emb, None)
+            if isinstance(prev, dict) and (prev.get("uri"), prev.get("collection")) != (record["uri"],
+                                                                                       record["collection"]):
+                drop_collection(folder, prev)  # the superseded build's, once index.json no longer names it
         info.added, info.skipped = n, bad
         logger.info("indexed %d images (%d skipped) into %s (Milvus %s)", n, len(bad), folder, record["index_type"])
         return info

@@ -15,13 +15,16 @@ Consistency with index.json (docs/SCALE.md): ids are the primary key, and every 
 ``id < count`` with ``count`` from the committed index.json. ``index add`` first deletes rows a killed add left
 (``id >= count``), inserts, flushes, then commits index.json: a kill anywhere leaves the old count visible (the
 rows past it are invisible and deleted by the next add), or the new one. The model fingerprint is also stored in
-the collection's properties (and description) and checked when the index is opened.
+the collection's properties (and description) and checked when the index is opened. Each build writes a collection
+of its own (``ctxsim_<random>`` unless ``--collection`` names one) and drops the previous build's only after
+index.json names the new one: a rebuild, killed or not, leaves one whole index.
 """
 from __future__ import annotations
 
 import json
 import logging
 import threading
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +32,14 @@ import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, FingerprintMismatch, MissingDependency
 
-__all__ = ["DEFAULT_COLLECTION", "DEFAULT_URI", "MILVUS_TYPES", "MilvusBackend", "create_collection",
-           "milvus_record", "open_collection", "resolve_uri"]
+__all__ = ["DEFAULT_URI", "MILVUS_TYPES", "MilvusBackend", "create_collection", "drop_collection",
+           "milvus_record", "new_collection_name", "open_collection", "resolve_uri"]
 
 logger = logging.getLogger(__name__)
 
 #: ctxsim index type -> Milvus index type
 MILVUS_TYPES = {"flat": "FLAT", "hnsw": "HNSW", "ivf": "IVF_FLAT", "ivf_flat": "IVF_FLAT"}
 DEFAULT_URI = "milvus.db"
-DEFAULT_COLLECTION = "ctxsim"
 _INSERT_BATCH = 10_000
 _TAG = "ctxsim"  # key of the JSON the collection description holds
 _FP_PROP, _DIM_PROP = "ctxsim.fingerprint", "ctxsim.dim"  # the collection's properties
@@ -184,9 +186,11 @@ def create_collection(folder: Path, record: dict[str, Any], embeddings: np.ndarr
     client = _client(uri)
     name = str(record["collection"])
     if client.has_collection(name):
-        if not overwrite:
+        ours = _FP_PROP in (client.describe_collection(name).get("properties") or {})
+        if not (overwrite and ours):
             _close(client, uri)
-            raise ConfigError(f"Milvus collection {name!r} exists at {record['uri']}; pick another --collection")
+            raise ConfigError(f"Milvus collection {name!r} exists at {record['uri']}"
+                              + ("" if ours else " and was not written by ctxsim") + "; pick another --collection")
         client.drop_collection(name)
     d = int(embeddings.shape[1])
     schema = pymilvus.MilvusClient.create_schema(
@@ -204,6 +208,27 @@ def create_collection(folder: Path, record: dict[str, Any], embeddings: np.ndarr
     backend.add(embeddings)
     client.load_collection(name)
     return backend
+
+
+def drop_collection(folder: Path, record: dict[str, Any]) -> None:
+    """Drop the collection ``record`` names (a superseded generation's), if it is still there: best effort."""
+    try:
+        uri = resolve_uri(folder, str(record["uri"]))
+        client = _client(uri)
+    except Exception:  # noqa: BLE001 - the old database may be gone; nothing to drop then
+        return
+    try:
+        if client.has_collection(str(record["collection"])):
+            client.drop_collection(str(record["collection"]))
+    except Exception as e:  # noqa: BLE001 - leaving an orphan collection is not an error of the new build
+        logger.warning("could not drop the superseded Milvus collection %s: %s", record.get("collection"), e)
+    finally:
+        _close(client, uri)
+
+
+def new_collection_name() -> str:
+    """A collection name of its own for each build (a rebuild never drops the collection being served)."""
+    return f"ctxsim_{uuid.uuid4().hex[:12]}"
 
 
 def open_collection(folder: Path, record: dict[str, Any], count: int, dim: int, fingerprint: str) -> MilvusBackend:

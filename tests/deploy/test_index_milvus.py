@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,7 @@ def test_build_records_milvus_and_searches_like_faiss_flat(milvus_index, flat_in
     meta = json.loads((milvus_index / "index.json").read_text())
     assert meta["engine"] == "milvus" and meta["metric"] == "ip" and "index" not in meta["files"]
     m = meta["milvus"]
-    assert m["uri"] == "milvus.db" and m["collection"] == "ctxsim" and m["metric_type"] == "IP"
+    assert m["uri"] == "milvus.db" and m["collection"].startswith("ctxsim_") and m["metric_type"] == "IP"
     assert m["index_type"] == "FLAT" and (milvus_index / "milvus.db").exists()
     assert "engine" not in json.loads((flat_index / "index.json").read_text())  # FAISS index.json unchanged
 
@@ -102,7 +103,7 @@ def test_other_model_is_refused(tmp_path, milvus_index, other_run_dir, extra_dir
     meta = json.loads((idx / "index.json").read_text())
     meta["fingerprint"] = "0" * len(meta["fingerprint"])
     (idx / "index.json").write_text(json.dumps(meta))
-    with pytest.raises(FingerprintMismatch, match="Milvus collection 'ctxsim' holds vectors of model"):
+    with pytest.raises(FingerprintMismatch, match="Milvus collection 'ctxsim_\\w+' holds vectors of model"):
         load_index(idx, verify=False)
 
 
@@ -162,3 +163,41 @@ def test_killed_add_leaves_old_or_new(tmp_path, milvus_index, extra_dir, kill):
         assert info.count == n + 40
         count, ntotal, top = _state(idx)
         assert count == ntotal == n + 40 and top == list(range(n + 40))  # no duplicates of the killed insert
+
+
+def test_serve_reloads_an_added_generation_and_rebuild_replaces_the_collection(tmp_path, milvus_index, extra_dir):
+    """`serve` over a Milvus-backed folder: search, then `index add` (same process: a Milvus Lite file has one
+    owner process) is picked up by the generation watcher; a rebuild writes a new collection and drops the old."""
+    import httpx
+
+    from ctxsim.deploy import create_app
+
+    from serve_helpers import running
+
+    folder = shutil.copytree(milvus_index, tmp_path / "idx")
+    new_image = sorted(sorted(extra_dir.iterdir())[0].iterdir())[0]
+    upload = {"image": (new_image.name, new_image.read_bytes(), "image/png")}
+    with running(create_app(folder, reload_every_s=0.1)) as url:
+        n = httpx.get(f"{url}/info", timeout=10).json()["index"]["count"]
+        before = httpx.post(f"{url}/search", files=upload, data={"k": "1"}, timeout=30).json()["results"][0]
+        assert before["path"] != str(new_image)
+        add_to_index(folder, [new_image])
+        for _ in range(200):
+            if httpx.get(f"{url}/info", timeout=10).json()["index"]["count"] == n + 1:
+                break
+            time.sleep(0.05)
+        after = httpx.post(f"{url}/search", files=upload, data={"k": "1"}, timeout=30).json()["results"][0]
+        assert after["path"] == str(new_image) and after["id"] == n
+    old = json.loads((folder / "index.json").read_text())["milvus"]["collection"]
+    info = build_index([new_image], load_index(folder).info.model, folder, "flat", engine="milvus")
+    assert info.milvus is not None and info.milvus["collection"] != old
+    from pymilvus import MilvusClient
+
+    from ctxsim.deploy.index_milvus import _client, _close
+
+    uri = str(folder / "milvus.db")
+    c = _client(uri)
+    try:
+        assert isinstance(c, MilvusClient) and c.list_collections() == [info.milvus["collection"]]
+    finally:
+        _close(c, uri)
