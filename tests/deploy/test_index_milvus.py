@@ -201,3 +201,21 @@ def test_serve_reloads_an_added_generation_and_rebuild_replaces_the_collection(t
         assert isinstance(c, MilvusClient) and c.list_collections() == [info.milvus["collection"]]
     finally:
         _close(c, uri)
+
+
+def test_cli_build_with_backend_milvus(tmp_path, gallery_dir, run_dir):
+    from typer.testing import CliRunner
+
+    from ctxsim.cli.app import app
+
+    out = tmp_path / "idx"
+    r = CliRunner().invoke(app, ["index", "build", str(gallery_dir), "--model", str(run_dir), "--out", str(out),
+                                 "--backend", "milvus", "--type", "hnsw", "--collection", "gallery", "--uri",
+                                 "g.db"])
+    assert r.exit_code == 0, r.output
+    meta = json.loads((out / "index.json").read_text())
+    assert meta["milvus"]["uri"] == "g.db" and meta["milvus"]["collection"] == "gallery"
+    assert meta["milvus"]["index_type"] == "HNSW" and (out / "g.db").exists()
+    r = CliRunner().invoke(app, ["index", "build", str(gallery_dir), "--model", str(run_dir), "--out",
+                                 str(tmp_path / "x"), "--backend", "milvus", "--type", "ivfpq"])
+    assert isinstance(r.exception, ConfigError) and "takes --type flat, hnsw or ivf_flat" in str(r.exception)
