@@ -294,6 +294,9 @@ def embed_gallery(embedder: EmbedderLike, gallery: GallerySource,
 
 def _model_ref(model: Any) -> str | None:
     art = getattr(model, "artifact", model)
+    url = getattr(getattr(model, "_b", None), "canonical", None)
+    if url:  # a Triton model: its URL, not a path
+        return str(url)
     try:
         return str(Path(art).expanduser().resolve())
     except TypeError:
