@@ -156,6 +156,8 @@ def register(app: typer.Typer) -> None:
         ray: str | None = typer.Option(None, "--ray", help="Embed with Ray Data: 'local' (a Ray on this machine) or "
                                        "a cluster address (ray://host:10001, auto); default: in this process."),
         workers: int = typer.Option(2, help="Ray: embedder actors (one model each)."),
+        gpus_per_worker: float = typer.Option(0.0, help="Ray: GPUs per actor (e.g. 1, or 0.5 to share one); "
+                                              "default: one CPU each."),
         batch_size: int = typer.Option(64, help="Images per embedding batch."),
         shard_size: int = typer.Option(4096, help="Images per Parquet shard."),
         threads: int | None = typer.Option(None, help=THREADS_HELP),
@@ -167,7 +169,7 @@ def register(app: typer.Typer) -> None:
         _threads(threads)
         with progress_callback("embedding gallery") as progress:
             m = embed_to_shards(gallery, model, out, ray=ray, workers=workers, batch_size=batch_size,
-                                shard_size=shard_size, progress=progress)
+                                shard_size=shard_size, progress=progress, gpus_per_worker=gpus_per_worker)
         _print_skipped([tuple(s) for s in m["skipped"]])
         console.print(f"embedded {m['count']} of {m['gallery_size']} image(s) into {len(m['shards'])} shard(s) "
                       f"in {out} (model {m['fingerprint']}, dim {m['dim']})")

@@ -131,7 +131,7 @@ def _in_process(embedder: Any, paths: list[str]) -> Iterator[tuple[int, np.ndarr
             yield s + j, got.get(j), "" if j in got else (why.get(p) or "unreadable")
 
 
-def _with_ray(model: str, paths: list[str], address: str, workers: int, batch_size: int
+def _with_ray(model: str, paths: list[str], address: str, workers: int, batch_size: int, gpus: float = 0.0
               ) -> Iterator[tuple[int, np.ndarray | None, str]]:
     try:
         import ray
@@ -147,7 +147,8 @@ def _with_ray(model: str, paths: list[str], address: str, workers: int, batch_si
     ctx.execution_options.preserve_order = True
     ds: Any = ray.data.from_items([{"idx": i, "path": p} for i, p in enumerate(paths)])
     ds = ds.map_batches(_EmbedBatch, fn_constructor_kwargs={"model": model, "batch_size": batch_size},
-                        batch_size=batch_size, concurrency=max(1, workers), num_cpus=1, batch_format="numpy")
+                        batch_size=batch_size, concurrency=max(1, workers), batch_format="numpy",
+                        **({"num_gpus": gpus} if gpus > 0 else {"num_cpus": 1}))
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
         for i, e, err in zip(batch["idx"], batch["embedding"], batch["error"]):
             yield int(i), (None if err else np.asarray(e, np.float32)), str(err)
@@ -155,14 +156,18 @@ def _with_ray(model: str, paths: list[str], address: str, workers: int, batch_si
 
 def embed_to_shards(gallery: Any, model: str | os.PathLike[str], out_dir: str | os.PathLike[str],
                     ray: str | None = None, workers: int = 2, batch_size: int = 64, shard_size: int = 4096,
-                    progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                    progress: Callable[[int, int], None] | None = None, gpus_per_worker: float = 0.0
+                    ) -> dict[str, Any]:
     """Embed ``gallery`` with ``model`` (a run folder, .onnx or .engine) into Parquet shards + manifest.json in
-    ``out_dir``; returns the manifest. ``ray``: None (this process), "local" or a Ray cluster address."""
+    ``out_dir``; returns the manifest. ``ray``: None (this process), "local" or a Ray cluster address;
+    ``gpus_per_worker``: Ray actors on GPUs (Ray sets each one's CUDA_VISIBLE_DEVICES) instead of one CPU each."""
     from ctxsim.deploy.embedder import Embedder
     from ctxsim.deploy.gallery import open_gallery
 
     if shard_size < 1 or batch_size < 1 or workers < 1:
         raise ConfigError("--shard-size, --batch-size and --workers must be >= 1")
+    if gpus_per_worker < 0 or (gpus_per_worker and not ray):
+        raise ConfigError("--gpus-per-worker takes a number >= 0, with --ray")
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} exists and is not a folder; pick another output folder")
@@ -180,7 +185,8 @@ def embed_to_shards(gallery: Any, model: str | os.PathLike[str], out_dir: str | 
         todo.append(i)
     if todo:
         paths = [g.items[j].path for i in todo for j in range(*ranges[i])]
-        rows = _with_ray(str(model), paths, ray, workers, batch_size) if ray else _in_process(embedder, paths)
+        rows = (_with_ray(str(model), paths, ray, workers, batch_size, gpus_per_worker) if ray
+                else _in_process(embedder, paths))
         pos = 0
         for i in todo:
             a, b = ranges[i]
