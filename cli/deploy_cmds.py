@@ -1,4 +1,5 @@
-"""`ctxsim index build/add/info`, `ctxsim search`, `ctxsim serve`, `ctxsim bench`: thin commands over ctxsim.deploy."""
+"""`ctxsim index build/add/info`, `ctxsim embed`, `ctxsim search`, `ctxsim serve`, `ctxsim bench`: thin commands
+over ctxsim.deploy."""
 from __future__ import annotations
 
 import json
@@ -37,8 +38,10 @@ def _print_skipped(skipped: list) -> None:
 def _info_table(info) -> Table:
     t = Table(title=f"index {info.path}", show_header=False)
     for k in ("index_type", "count", "dim", "metric", "fingerprint", "params", "model", "backend", "generation",
-              "created", "updated", "ctxsim_version"):
+              "created", "updated", "ctxsim_version", "engine", "milvus"):
         v = getattr(info, k)
+        if k in ("engine", "milvus") and v is None:
+            continue
         t.add_row(k, json.dumps(v) if isinstance(v, dict) else str(v))
     return t
 
@@ -48,12 +51,21 @@ def register(app: typer.Typer) -> None:
     index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect retrieval indexes.")
     app.add_typer(index_app, name="index")
 
-    @index_app.command("build", epilog="Example: ctxsim index build gallery/ --model runs/omni --out idx --type hnsw")
+    @index_app.command("build", epilog="Example: ctxsim index build gallery/ --model runs/omni --out idx --type hnsw  "
+                                       "(Milvus Lite: add --backend milvus; a server: --uri http://host:19530)")
     def index_build(
-        gallery: Path = typer.Argument(..., help="Class-per-folder tree or list file ('path [label]' lines)."),
-        model: Path = typer.Option(..., help="Run folder, .onnx or .engine."),
+        gallery: Path | None = typer.Argument(None, help="Class-per-folder tree or list file ('path [label]' lines); "
+                                              "omit with --from-embeddings."),
+        model: Path | None = typer.Option(None, help="Run folder, .onnx or .engine."),
         out: Path = typer.Option(..., help="Index folder to write."),
-        type_: str = typer.Option("flat", "--type", help="flat, ivf, ivfpq, hnsw or torch (exact, no FAISS)."),
+        type_: str = typer.Option("flat", "--type", help="flat, ivf, ivfpq, hnsw or torch (exact, no FAISS); "
+                                                         "Milvus: flat, hnsw or ivf_flat."),
+        backend: str = typer.Option("faiss", help="Index engine: faiss, or milvus (pip install 'ctxsim[milvus]')."),
+        uri: str | None = typer.Option(None, help="Milvus: a Lite database file (default: milvus.db in OUT) or a "
+                                                  "server, http://host:19530."),
+        collection: str | None = typer.Option(None, help="Milvus collection name (default: ctxsim)."),
+        from_embeddings: Path | None = typer.Option(None, help="Build from `ctxsim embed` shards (no embedding; "
+                                                    "the model's fingerprint comes with them)."),
         param: list[str] = typer.Option([], help="Index parameter, e.g. --param nlist=256 (repeatable)."),
         gpu: bool = typer.Option(False, "--gpu", help="Build/search flat/IVF indexes on the GPU (FAISS with GPUs)."),
         batch_size: int = typer.Option(64, help="Images per embedding batch."),
@@ -63,7 +75,7 @@ def register(app: typer.Typer) -> None:
         threads: int | None = typer.Option(None, help=THREADS_HELP),
     ) -> None:
         """Embed a gallery and write an index folder (unreadable images are reported and skipped)."""
-        from ctxsim.deploy.index import build_index
+        from ctxsim.deploy.index import build_from_embeddings, build_index
         from ctxsim.errors import ConfigError
 
         params = {}
@@ -73,9 +85,24 @@ def register(app: typer.Typer) -> None:
                 raise ConfigError(f"--param takes name=integer, got {p!r}")
             params[k.strip()] = int(v)
         _threads(threads)
+        if from_embeddings is not None:
+            if gallery is not None or model is not None:
+                raise ConfigError("--from-embeddings takes the place of GALLERY and --model; give one or the other")
+            from ctxsim.deploy.embed_shards import read_embeddings
+
+            shards = read_embeddings(from_embeddings)
+            info = build_from_embeddings(shards.embeddings, shards.items, shards.fingerprint, out, type_, gpu=gpu,
+                                         params=params, overwrite=force, engine=backend, uri=uri,
+                                         collection=collection, model=shards.model, model_backend=shards.backend,
+                                         skipped=shards.skipped)
+            console.print(_info_table(info))
+            return
+        if gallery is None or model is None:
+            raise ConfigError("give GALLERY and --model (or --from-embeddings DIR)")
         with progress_callback("embedding gallery") as progress:
             info = build_index(gallery, model, out, type_, gpu=gpu, progress=progress, params=params,
-                               batch_size=batch_size, overwrite=force, device_decode=device_decode)
+                               batch_size=batch_size, overwrite=force, device_decode=device_decode, engine=backend,
+                               uri=uri, collection=collection)
         _print_skipped(info.skipped)
         console.print(_info_table(info))
 
@@ -119,6 +146,33 @@ def register(app: typer.Typer) -> None:
         if check_recall:
             r = out["recall"]
             console.print(f"recall@{r['k']} vs exact search: {r['recall']:.4f} ({r['queries']} queries)")
+
+    @app.command("embed", epilog="Example: ctxsim embed gallery/ --model runs/omni --out emb --ray local --workers 2  "
+                                 "(then: ctxsim index build --from-embeddings emb --out idx)")
+    def embed_cmd(
+        gallery: Path = typer.Argument(..., help="Class-per-folder tree or list file ('path [label]' lines)."),
+        model: Path = typer.Option(..., help="Run folder, .onnx or .engine."),
+        out: Path = typer.Option(..., help="Folder of Parquet shards + manifest.json to write (or resume)."),
+        ray: str | None = typer.Option(None, "--ray", help="Embed with Ray Data: 'local' (a Ray on this machine) or "
+                                       "a cluster address (ray://host:10001, auto); default: in this process."),
+        workers: int = typer.Option(2, help="Ray: embedder actors (one model each)."),
+        gpus_per_worker: float = typer.Option(0.0, help="Ray: GPUs per actor (e.g. 1, or 0.5 to share one); "
+                                              "default: one CPU each."),
+        batch_size: int = typer.Option(64, help="Images per embedding batch."),
+        shard_size: int = typer.Option(4096, help="Images per Parquet shard."),
+        threads: int | None = typer.Option(None, help=THREADS_HELP),
+    ) -> None:
+        """Embed a gallery into Parquet shards (path, label, embedding) and a manifest (model fingerprint, shard
+        sha256s); a rerun keeps the complete shards. Unreadable images are listed and skipped."""
+        from ctxsim.deploy.embed_shards import embed_to_shards
+
+        _threads(threads)
+        with progress_callback("embedding gallery") as progress:
+            m = embed_to_shards(gallery, model, out, ray=ray, workers=workers, batch_size=batch_size,
+                                shard_size=shard_size, progress=progress, gpus_per_worker=gpus_per_worker)
+        _print_skipped([tuple(s) for s in m["skipped"]])
+        console.print(f"embedded {m['count']} of {m['gallery_size']} image(s) into {len(m['shards'])} shard(s) "
+                      f"in {out} (model {m['fingerprint']}, dim {m['dim']})")
 
     @app.command("search", epilog="Example: ctxsim search idx query.jpg -k 5 --grid results.png")
     def search_cmd(

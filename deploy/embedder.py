@@ -241,7 +241,15 @@ class Embedder:
                       threads: int | None = None) -> Embedder:
         """Open a run folder (PyTorch), a .onnx file / export folder (ONNX Runtime) or an engine (TensorRT).
         ``threads``: apply the thread policy for that many threads (``ctxsim.deploy.threads``; None: the policy in
-        force, or the default one if none was applied yet)."""
+        force, or the default one if none was applied yet). ``triton://host:port/NAME``: a model Triton serves
+        (ctxsim.deploy.embedder_triton; never run against a server here)."""
+        from ctxsim.deploy.embedder_triton import TritonBackend, is_triton_url
+
+        if is_triton_url(path):
+            if device_decode or compile or precision != "fp32":
+                raise ConfigError("a triton:// model runs on the server: no --device-decode, --compile or precision")
+            tb = TritonBackend(str(path))
+            return cls(tb, "triton", Path(tb.canonical), batch_size, False, ensure_threads(threads))
         kind, p = resolve_artifact(Path(path))
         dev = resolve_device(device)
         policy = ensure_threads(threads)
@@ -390,7 +398,9 @@ def open_index_model(info: Any, model: Any = None, batch_size: int = 64, device_
 
     if model is None:
         ref = info.model
-        if not ref or not Path(ref).exists():
+        from ctxsim.deploy.embedder_triton import is_triton_url
+
+        if not ref or not (Path(ref).exists() or is_triton_url(ref)):
             raise ConfigError(f"the model that built the index ({ref}) is not available here; pass it with "
                               "--model (model=...)")
         model = ref

@@ -52,9 +52,27 @@ if TYPE_CHECKING:
     #: a gallery as ``ctxsim.deploy.gallery.open_gallery`` takes it: a folder tree, a list file or paths
     GallerySource: TypeAlias = str | os.PathLike[str] | Gallery | Sequence[Any]
 
-__all__ = ["FAISS_TYPES", "FORMAT_VERSION", "INDEX_TYPES", "META", "EmbedderLike", "Index", "IndexBackend",
-           "IndexEngine", "IndexInfo", "Item", "add_to_index", "build_index", "check_files_present",
-           "check_fingerprint", "default_params", "embed_gallery", "load_index", "read_index_info"]
+__all__ = [
+    "FAISS_TYPES",
+    "FORMAT_VERSION",
+    "INDEX_TYPES",
+    "META",
+    "EmbedderLike",
+    "Index",
+    "IndexBackend",
+    "IndexEngine",
+    "IndexInfo",
+    "Item",
+    "add_to_index",
+    "build_from_embeddings",
+    "build_index",
+    "check_files_present",
+    "check_fingerprint",
+    "default_params",
+    "embed_gallery",
+    "load_index",
+    "read_index_info",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -106,7 +124,7 @@ class Index:
         self.items = items
         self.backend = backend
         #: the raw FAISS index object (None for index type "torch"); ``Index.search`` calls it directly.
-        self.faiss_index = backend if info.index_type in FAISS_TYPES else None
+        self.faiss_index = backend if info.index_type in FAISS_TYPES and info.engine is None else None
         self._embeddings = embeddings
         self._embeddings_path = embeddings_path
 
@@ -161,6 +179,18 @@ class Index:
         q = np.ascontiguousarray(np.asarray(queries, np.float32))
         return knn(q, np.asarray(self.embeddings, np.float32), min(int(k), self.info.count))
 
+    def close(self) -> None:
+        """Release what the backend holds open (a Milvus client; nothing for FAISS and torch). Also ``with``."""
+        close = getattr(self.backend, "close", None)
+        if callable(close):
+            close()
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def check_model(self, fingerprint: str) -> None:
         """Refuse a query model other than the one that built the index (FingerprintMismatch)."""
         check_fingerprint(self.info.fingerprint, fingerprint)
@@ -201,13 +231,22 @@ def load_index(index_dir: str | os.PathLike[str], verify: bool = True, gpu: bool
     if len(items) != info.count:
         raise ArtifactError(f"{folder}: {len(items)} items but {META} says {info.count}; rebuild the index")
     emb_path = folder / info.files["embeddings"] if "embeddings" in info.files else None
-    backend = engine_for(info.index_type).load(folder, info, gpu=gpu, device=device)
+    backend: IndexBackend
+    if info.engine == "milvus":
+        from ctxsim.deploy.index_milvus import open_collection
+
+        backend = open_collection(folder, info.milvus or {}, info.count, info.dim, info.fingerprint)
+    else:
+        backend = engine_for(info.index_type).load(folder, info, gpu=gpu, device=device)
     emb: np.ndarray | None
     if isinstance(backend, TorchExact):
         emb = backend.embeddings  # read whole to search them: kept, not mapped a second time
     else:  # memory-mapped now, so that a later `add` superseding the file does not pull it from under us
         emb = np.load(emb_path, mmap_mode="r", allow_pickle=False) if emb_path is not None else None
     if backend.ntotal != info.count:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            close()
         raise ArtifactError(f"{folder}: the index holds {backend.ntotal} vectors but {META} says {info.count}; "
                             "rebuild the index")
     return Index(info, items, backend, emb, emb_path)
@@ -255,10 +294,20 @@ def embed_gallery(embedder: EmbedderLike, gallery: GallerySource,
 
 def _model_ref(model: Any) -> str | None:
     art = getattr(model, "artifact", model)
+    url = getattr(getattr(model, "_b", None), "canonical", None)
+    if url:  # a Triton model: its URL, not a path
+        return str(url)
     try:
         return str(Path(art).expanduser().resolve())
     except TypeError:
         return None
+
+
+def _previous_generation(folder: Path) -> int:
+    if (folder / META).exists():
+        with contextlib.suppress(Exception):
+            return int(read_json(folder / META).get("generation", 0))
+    return 0
 
 
 def _saver(engine: IndexEngine, backend: IndexBackend | None) -> Callable[[Path], None] | None:
@@ -272,41 +321,124 @@ def _saver(engine: IndexEngine, backend: IndexBackend | None) -> Callable[[Path]
 def build_index(gallery: GallerySource, model_artifact: str | os.PathLike[str] | EmbedderLike,
                 out_dir: str | os.PathLike[str], index_type: str = "flat", gpu: bool = False,
                 progress: Callable[[int, int], None] | None = None, params: dict[str, Any] | None = None,
-                batch_size: int = 64, overwrite: bool = True, device_decode: bool = False) -> IndexInfo:
+                batch_size: int = 64, overwrite: bool = True, device_decode: bool = False, engine: str = "faiss",
+                uri: str | None = None, collection: str | None = None) -> IndexInfo:
     """Embed ``gallery`` (folder tree, list file or paths) with ``model_artifact`` and write an index folder.
 
     ``model_artifact``: a run folder, .onnx, .engine, or an :class:`~ctxsim.deploy.embedder.Embedder`.
     ``device_decode``: decode JPEGs on the model's device (a run folder only; see ``Embedder.embed_files``).
     An existing index in ``out_dir`` is replaced atomically (``overwrite=False`` refuses instead).
+    ``engine``: "faiss" (the index types above), or "milvus" (flat, hnsw, ivf/ivf_flat in a Milvus collection at
+    ``uri``, default a Milvus Lite file in ``out_dir``; see ctxsim.deploy.index_milvus).
     Returns the IndexInfo, with ``skipped`` = [(path, reason)] of the unreadable images.
     """
     from ctxsim.deploy.embedder import as_embedder
 
-    check_index_type(index_type)
+    _check_out(out_dir, overwrite)
+    embedder: EmbedderLike = _check_engine(engine, index_type, gpu, batch_size, device_decode, model_artifact,
+                                           as_embedder)
+    emb, kept, bad = embed_gallery(embedder, gallery, progress)
+    return build_from_embeddings(emb, [(it.path, it.label) for it in kept], embedder.fingerprint, out_dir,
+                                 index_type, gpu=gpu, params=params, overwrite=overwrite, engine=engine, uri=uri,
+                                 collection=collection, model=_model_ref(embedder), model_backend=embedder.backend,
+                                 skipped=bad)
+
+
+def _check_out(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
     folder = Path(out_dir)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"{folder} exists and is not a folder; pick another output folder")
     if (folder / META).exists() and not overwrite:
         raise ConfigError(f"{folder} already holds an index; use `index add` to extend it or allow overwriting")
-    gpu = want_gpu(gpu, index_type)  # before the gallery is embedded: a missing GPU fails fast
-    engine = engine_for(index_type)
-    embedder: EmbedderLike = as_embedder(model_artifact, batch_size, device_decode)
-    emb, kept, bad = embed_gallery(embedder, gallery, progress)
+    return folder
+
+
+def _check_engine(engine: str, index_type: str, gpu: bool, batch_size: int, device_decode: bool,
+                  model_artifact: Any, as_embedder: Callable[..., Any]) -> Any:
+    """Check the engine and index type before the gallery is embedded, then open the model."""
+    if engine == "milvus":
+        from ctxsim.deploy.index_milvus import MILVUS_TYPES
+
+        if index_type not in MILVUS_TYPES:
+            raise ConfigError(f"--backend milvus takes --type flat, hnsw or ivf_flat, got {index_type!r}")
+        if gpu:
+            raise ConfigError("--gpu is for FAISS; a Milvus server places its own indexes")
+        _milvus_available()
+    elif engine == "faiss":
+        check_index_type(index_type)
+        want_gpu(gpu, index_type)  # before the gallery is embedded: a missing GPU fails fast
+    else:
+        raise ConfigError(f"unknown index backend {engine!r}; use faiss or milvus")
+    return as_embedder(model_artifact, batch_size, device_decode)
+
+
+def _milvus_available() -> None:
+    from ctxsim.deploy.index_milvus import _pymilvus
+
+    _pymilvus()
+
+
+def build_from_embeddings(emb: np.ndarray, paths_labels: Sequence[tuple[str, str | None]], fingerprint: str,
+                          out_dir: str | os.PathLike[str], index_type: str = "flat", gpu: bool = False,
+                          params: dict[str, Any] | None = None, overwrite: bool = True, engine: str = "faiss",
+                          uri: str | None = None, collection: str | None = None, model: str | None = None,
+                          model_backend: str | None = None,
+                          skipped: list[tuple[str, str]] | None = None) -> IndexInfo:
+    """Write an index folder over ``emb`` [N, D] (row i is item i: ``paths_labels[i]``) of model ``fingerprint``."""
+    if engine == "milvus":
+        from ctxsim.deploy.index_milvus import MILVUS_TYPES
+
+        if index_type not in MILVUS_TYPES:
+            raise ConfigError(f"--backend milvus takes --type flat, hnsw or ivf_flat, got {index_type!r}")
+        index_type = "ivf" if index_type == "ivf_flat" else index_type
+    elif engine != "faiss":
+        raise ConfigError(f"unknown index backend {engine!r}; use faiss or milvus")
+    check_index_type(index_type)
+    folder = _check_out(out_dir, overwrite)
+    bad = list(skipped or [])
+    emb = check_embeddings(emb)
     n, d = emb.shape
+    if len(paths_labels) != n:
+        raise ConfigError(f"{n} embeddings but {len(paths_labels)} items")
     p: dict[str, Any] = check_params(index_type, params, n, d)
+    items = [Item(i, path, label) for i, (path, label) in enumerate(paths_labels)]
+    if engine == "milvus":
+        from ctxsim.deploy.index_milvus import (
+            DEFAULT_URI,
+            create_collection,
+            drop_collection,
+            milvus_record,
+            new_collection_name,
+        )
+
+        record = milvus_record(uri or DEFAULT_URI, collection or new_collection_name(), index_type, p)
+        with writer_lock(folder):
+            prev_gen = _previous_generation(folder)
+            prev: Any = None
+            with contextlib.suppress(Exception):
+                prev = read_json(folder / META).get("milvus")
+            mb = create_collection(folder, record, emb, fingerprint, overwrite=True)
+            mb.close()
+            info = IndexInfo(path=str(folder), index_type=index_type, fingerprint=fingerprint, dim=d, count=n,
+                             params=p, generation=prev_gen, model=model, backend=model_backend, engine="milvus",
+                             milvus=record)
+            info = commit(folder, info, items, emb, None)
+            if isinstance(prev, dict) and (prev.get("uri"), prev.get("collection")) != (record["uri"],
+                                                                                       record["collection"]):
+                drop_collection(folder, prev)  # the superseded build's, once index.json no longer names it
+        info.added, info.skipped = n, bad
+        logger.info("indexed %d images (%d skipped) into %s (Milvus %s)", n, len(bad), folder, record["index_type"])
+        return info
+    gpu = want_gpu(gpu, index_type)
+    eng = engine_for(index_type)
     # an engine without a file of its own (torch) searches the stored embeddings: nothing to build before saving
-    backend = engine.build(emb, index_type, p, gpu) if engine.own_file else None
+    backend = eng.build(emb, index_type, p, gpu) if eng.own_file else None
     if index_type in ("ivf", "ivfpq"):
         p["trained_on"] = n
-    items = [Item(i, it.path, it.label) for i, it in enumerate(kept)]
     with writer_lock(folder):
-        prev_gen = 0
-        if (folder / META).exists():
-            with contextlib.suppress(Exception):
-                prev_gen = int(read_json(folder / META).get("generation", 0))
-        info = IndexInfo(path=str(folder), index_type=index_type, fingerprint=embedder.fingerprint, dim=d, count=n,
-                         params=p, generation=prev_gen, model=_model_ref(embedder), backend=embedder.backend)
-        info = commit(folder, info, items, emb, _saver(engine, backend))
+        info = IndexInfo(path=str(folder), index_type=index_type, fingerprint=fingerprint, dim=d, count=n,
+                         params=p, generation=_previous_generation(folder), model=model, backend=model_backend)
+        info = commit(folder, info, items, emb, _saver(eng, backend))
     info.added, info.skipped = n, bad
     logger.info("indexed %d images (%d skipped) into %s (%s)", n, len(bad), folder, index_type)
     return info
@@ -326,21 +458,33 @@ def add_to_index(index_dir: str | os.PathLike[str], images: GallerySource,
     folder = Path(index_dir)
     with writer_lock(folder):
         idx = load_index(folder)
-        info = idx.info
-        embedder: EmbedderLike = open_index_model(info, model_artifact, batch_size, device_decode)
-        emb_new, kept, bad = embed_gallery(embedder, images, progress)
-        if emb_new.shape[1] != info.dim:
-            raise ArtifactError(f"the model gives {emb_new.shape[1]}-d embeddings but {folder} holds {info.dim}-d")
-        start = info.count
-        items = idx.items + [Item(start + i, it.path, it.label) for i, it in enumerate(kept)]
-        emb = np.concatenate([np.asarray(idx.embeddings, np.float32), emb_new])
-        engine = engine_for(info.index_type)
-        if engine.own_file:  # the torch engine's index is the stored embeddings, written below
-            idx.backend.add(emb_new)
-        trained = info.params.get("trained_on")
-        if trained and len(items) > 4 * trained:
-            logger.warning("%s: %d items but the IVF centroids were trained on %d; rebuild for best recall",
-                           folder, len(items), trained)
-        info = commit(folder, info, items, emb, _saver(engine, idx.backend))
+        try:
+            info = idx.info
+            embedder: EmbedderLike = open_index_model(info, model_artifact, batch_size, device_decode)
+            emb_new, kept, bad = embed_gallery(embedder, images, progress)
+            if emb_new.shape[1] != info.dim:
+                raise ArtifactError(f"the model gives {emb_new.shape[1]}-d embeddings but {folder} holds {info.dim}-d")
+            start = info.count
+            items = idx.items + [Item(start + i, it.path, it.label) for i, it in enumerate(kept)]
+            emb = np.concatenate([np.asarray(idx.embeddings, np.float32), emb_new])
+            if info.engine == "milvus":  # rows past the committed count are a killed add's: gone before inserting
+                from ctxsim.deploy.index_milvus import MilvusBackend
+
+                mb = cast(MilvusBackend, idx.backend)
+                mb.discard_uncommitted()
+                mb.add(emb_new)
+                info = commit(folder, info, items, emb, None)
+                info.added, info.skipped = len(kept), bad
+                return info
+            engine = engine_for(info.index_type)
+            if engine.own_file:  # the torch engine's index is the stored embeddings, written below
+                idx.backend.add(emb_new)
+            trained = info.params.get("trained_on")
+            if trained and len(items) > 4 * trained:
+                logger.warning("%s: %d items but the IVF centroids were trained on %d; rebuild for best recall",
+                               folder, len(items), trained)
+            info = commit(folder, info, items, emb, _saver(engine, idx.backend))
+        finally:
+            idx.close()  # a Milvus client (the Lite file released for other processes)
     info.added, info.skipped = len(kept), bad
     return info

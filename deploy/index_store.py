@@ -5,7 +5,8 @@ API: ``Item``, ``IndexInfo`` (index.json, checked field by field), ``read_index_
 
     index.json          fingerprint, dim, metric "ip", index type and parameters, count, ctxsim version,
                         created/updated, generation n, file names and their sha256
-    index.<n>.faiss     the engine's own index file (absent for "torch")
+    index.<n>.faiss     the engine's own index file (absent for "torch" and for engine "milvus", whose
+                        vectors are in the Milvus collection index.json's "milvus" record names)
     items.<n>.jsonl     the item table: one {"id", "path", "label"} per line, ids 0..count-1
     embeddings.<n>.npy  the float32 [count, D] embeddings (exact re-ranking, recall checks, torch search, rebuilds)
 
@@ -67,14 +68,17 @@ class IndexInfo:
     model: str | None = None
     backend: str | None = None
     format_version: int = FORMAT_VERSION
+    engine: str | None = None                                                # "milvus"; None: FAISS / torch
+    milvus: dict[str, Any] | None = None                                     # uri, collection, index, params
     added: int = 0                                                           # not saved: this call
     skipped: list[tuple[str, str]] = field(default_factory=list)             # not saved: this call
 
     _SAVED = ("index_type", "fingerprint", "dim", "count", "params", "metric", "ctxsim_version", "created",
-              "updated", "generation", "files", "sha256", "model", "backend", "format_version")
+              "updated", "generation", "files", "sha256", "model", "backend", "format_version", "engine", "milvus")
+    _OPTIONAL = ("engine", "milvus")  # written only when set: a FAISS index.json is as before
 
     def to_json(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self._SAVED}
+        return {k: getattr(self, k) for k in self._SAVED if k not in self._OPTIONAL or getattr(self, k) is not None}
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -96,7 +100,12 @@ class IndexInfo:
                                      ("generation", info.generation, 0)):
             if value < minimum:
                 raise ArtifactError(f"{where}: {name} must be >= {minimum}, got {value}; {hint}")
-        needed = ("items", "embeddings") if info.index_type == "torch" else ("items", "index")
+        if info.engine not in (None, "milvus"):
+            raise ArtifactError(f"{where}: unknown engine {info.engine!r}; {hint}")
+        if (info.engine == "milvus") != isinstance(info.milvus, dict):
+            raise ArtifactError(f"{where}: engine {info.engine!r} and the milvus record disagree; {hint}")
+        own_file = info.index_type != "torch" and info.engine is None
+        needed = ("items", "index") if own_file else ("items", "embeddings")
         for role in needed:
             if role not in info.files:
                 raise ArtifactError(f"{where} names no {role} file; {hint}")

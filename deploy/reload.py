@@ -67,17 +67,25 @@ class IndexWatcher:
             return False
         loop = asyncio.get_running_loop()
         embedder = self.batcher.embedder
+        new = None
         try:
             new = await loop.run_in_executor(None, load_index, self.folder)
             if new.fingerprint != embedder.fingerprint and self.open_model is not None:
                 embedder = await loop.run_in_executor(None, self._open_model_of, new)
             new.check_model(embedder.fingerprint)
         except Exception as e:  # noqa: BLE001 - a bad generation must not take the server down
+            if new is not None:  # loaded, then refused: release what it holds (a Milvus client)
+                new.close()
             self.refused, self.last_error = generation, f"generation {generation} refused: {e}"
             self.failures += 1
             logger.error("%s: %s; still serving generation %d", self.folder, self.last_error, self.generation)
             return False
+        old = self.batcher.index
         self.batcher.swap(embedder, new)
+        # a Milvus-backed index holds a client: closed once requests already running on it are done
+        close = getattr(old, "close", None)
+        if callable(close):
+            loop.call_later(30.0, close)
         self.generation, self.refused, self.last_error = new.info.generation, None, None
         self.reloads += 1
         logger.info("%s: now serving generation %d (%d items, model %s)", self.folder, new.info.generation,

@@ -77,6 +77,15 @@ def search(index_dir: str | os.PathLike | Index, images: Any, k: int = 10, model
     An unreadable query raises DataError, or is left out with ``skip_unreadable=True``.
     """
     index = _as_index(index_dir)
+    try:
+        return _search(index, images, k, model, batch_size, skip_unreadable, progress)
+    finally:
+        if index is not index_dir:  # opened here: a Milvus Lite file is released for other processes
+            index.close()
+
+
+def _search(index: Index, images: Any, k: int, model: Any, batch_size: int, skip_unreadable: bool,
+            progress: Callable[[int, int], None] | None) -> list[QueryResult]:
     embedder = open_index_model(index.info, model, batch_size)
     srcs, names, labels = _queries(images)
     if not srcs:
@@ -98,6 +107,14 @@ def check_recall(index_dir: str | os.PathLike | Index, k: int = 10, n_queries: i
     |approximate top-k  intersect  exact top-k| / k averaged over queries (1.0 for an exact index, up to ties).
     """
     index = _as_index(index_dir)
+    try:
+        return _check_recall(index, k, n_queries, seed, queries)
+    finally:
+        if index is not index_dir:
+            index.close()
+
+
+def _check_recall(index: Index, k: int, n_queries: int, seed: int, queries: np.ndarray | None) -> dict:
     emb = np.asarray(index.embeddings, np.float32)
     if queries is None:
         rng = np.random.default_rng(seed)

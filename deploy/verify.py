@@ -107,7 +107,11 @@ def _contents(folder: Path, info, name, load_index) -> list[Check]:
         return [Check(name(info.files.get("index", "index")), "readable", NONE, f"not checked here: {e}")]
     except CtxsimError as e:
         return [Check(name("index"), "consistent with its count", FAIL, str(e))]
+    idx.close()  # a Milvus client: the Lite file released (what is checked below is in the folder)
     checks = [Check(name(info.files.get("items", "items")), f"{info.count} items", OK, "")]
+    if info.engine == "milvus" and info.milvus:  # opening it checked the collection's fingerprint, dim and count
+        checks.append(Check(f"milvus:{info.milvus.get('collection')}", f"{info.count} vectors, this model", OK,
+                            f"{info.milvus.get('index_type')} at {info.milvus.get('uri')}"))
     if "index" in info.files:
         checks.append(Check(name(info.files["index"]), f"{info.count} vectors", OK, info.index_type))
     if "embeddings" in info.files:

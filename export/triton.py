@@ -12,6 +12,7 @@ with dynamic batching. ``parse_pbtxt`` reads the subset of protobuf text format 
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ __all__ = ["INSTANCE_KINDS", "TRITON_DTYPES", "model_config", "parse_pbtxt", "pr
 
 TRITON_DTYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "uint8": "TYPE_UINT8"}
 INSTANCE_KINDS = ("KIND_GPU", "KIND_CPU", "KIND_AUTO")
+CONTRACT_PARAMETER = "ctxsim_contract"  # config.pbtxt parameter: the export contract as JSON
 
 
 def preferred_batch_sizes(max_batch_size: int) -> list[int]:
@@ -61,7 +63,17 @@ def model_config(name: str, platform: str, contract: dict[str, Any], max_batch_s
         f"    count: {int(instances)}\n"
         f"    kind: {instance_kind}\n"
         "  }\n]\n"
+        # the export contract (preprocessing, fingerprint) for ctxsim's triton:// embedder, as one JSON string
+        "parameters {\n"
+        f'  key: "{CONTRACT_PARAMETER}"\n'
+        f"  value {{ string_value: \"{_pbtxt_escape(json.dumps(contract, sort_keys=True))}\" }}\n"
+        "}\n"
     )
+
+
+def _pbtxt_escape(text: str) -> str:
+    """``text`` (ASCII: json.dumps escapes the rest) as the inside of a protobuf text-format string."""
+    return text.replace("\\", "\\\\").replace('"', '\\"')
 
 
 def write_triton_repository(out_dir: str | Path, onnx_path: str | Path, engine_path: str | Path | None = None,

@@ -22,7 +22,7 @@ def ctxsim(*args: str, cwd: Path | None = None, timeout: int = 600) -> subproces
 
 
 @pytest.mark.parametrize("command", ["train", "eval", "demo", "recipes", "export", "parity", "index build",
-                                     "index add", "index info", "search", "serve", "bench"])
+                                     "index add", "index info", "embed", "search", "serve", "bench"])
 def test_every_command_has_help_with_an_example(command):
     result = runner.invoke(app, [*command.split(), "--help"])
     assert result.exit_code == 0
