@@ -541,12 +541,12 @@ FULL_TRIALS = int(os.environ.get("CTXSIM_FAULT_TRIALS", "24"))
 TEST_SEED = int(os.environ.get("CTXSIM_FAULT_SEED", str(SEED)))
 
 
-def default_trials(command: str) -> range:
-    return range(min(DEFAULT_TRIALS[command], FULL_TRIALS))
+def trials(command: str) -> list:
+    """The trial numbers of ``command`` as pytest parameters: the first few in the default run, the rest ``slow``."""
+    import pytest
 
-
-def slow_trials(command: str) -> range:
-    return range(min(DEFAULT_TRIALS[command], FULL_TRIALS), FULL_TRIALS)
+    first = min(DEFAULT_TRIALS[command], FULL_TRIALS)
+    return [pytest.param(i, marks=() if i < first else pytest.mark.slow) for i in range(FULL_TRIALS)]
 
 
 def run_trial(scenario: Scenario, i: int) -> str:

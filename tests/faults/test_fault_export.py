@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 import fault_trials as ft
-from fault_trials import default_trials, run_trial, slow_trials
+from fault_trials import run_trial, trials
 
 
 def test_the_export_passes_every_publish_point(export_scenario):
@@ -20,12 +20,7 @@ def test_the_export_passes_every_publish_point(export_scenario):
     assert "manifest.json:replaced" in pts and "parity.json:replaced" in pts
 
 
-@pytest.mark.parametrize("i", default_trials("export"))
+@pytest.mark.parametrize("i", trials("export"))
 def test_killed_export_leaves_old_or_new_or_a_named_mismatch(export_scenario, i):
     run_trial(export_scenario, i)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("i", slow_trials("export"))
-def test_killed_export_leaves_old_or_new_or_a_named_mismatch_full(export_scenario, i):
-    run_trial(export_scenario, i)

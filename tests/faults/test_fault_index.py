@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import fault_trials as ft
-from fault_trials import default_trials, run_trial, slow_trials
+from fault_trials import run_trial, trials
 
 
 def test_the_add_passes_every_generation_point(index_scenario):
@@ -17,12 +17,7 @@ def test_the_add_passes_every_generation_point(index_scenario):
     assert {p.split(":")[0] for p in pts} == {"index.2.faiss", "items.2.jsonl", "embeddings.2.npy", "index.json"}
 
 
-@pytest.mark.parametrize("i", default_trials("index add"))
+@pytest.mark.parametrize("i", trials("index add"))
 def test_killed_index_add_leaves_old_or_new_index(index_scenario, i):
     assert run_trial(index_scenario, i) in (ft.OLD, ft.NEW, ft.FINISHED)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("i", slow_trials("index add"))
-def test_killed_index_add_leaves_old_or_new_index_full(index_scenario, i):
-    assert run_trial(index_scenario, i) in (ft.OLD, ft.NEW, ft.FINISHED)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 
 import fault_trials as ft
-from fault_trials import default_trials, run_trial, slow_trials
+from fault_trials import run_trial, trials
 
 
 def test_the_run_passes_every_checkpoint_point(train_scenario):
@@ -20,12 +20,7 @@ def test_the_run_passes_every_checkpoint_point(train_scenario):
     assert pts.index("config.yaml:replaced") < train_scenario.first_commit
 
 
-@pytest.mark.parametrize("i", default_trials("train"))
+@pytest.mark.parametrize("i", trials("train"))
 def test_killed_train_resumes_exactly_or_refuses(train_scenario, i):
     assert run_trial(train_scenario, i) in (ft.RESUMED, ft.REFUSED, ft.FINISHED)
 
-
-@pytest.mark.slow
-@pytest.mark.parametrize("i", slow_trials("train"))
-def test_killed_train_resumes_exactly_or_refuses_full(train_scenario, i):
-    assert run_trial(train_scenario, i) in (ft.RESUMED, ft.REFUSED, ft.FINISHED)
