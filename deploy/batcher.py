@@ -373,7 +373,15 @@ class DynamicBatcher:
         ks = {i: r.k for i, r in enumerate(batch) if r.k is not None and not bad[i] and i not in failed}
         rows = list(ks)
         if rows and index is not None:
-            scores, ids = index.search(emb[rows], max(ks.values()))
+            try:
+                scores, ids = index.search(emb[rows], max(ks.values()))
+            except Exception as e:  # fails the searches only: /embed requests and refusals keep theirs
+                logger.exception("index search failed for a batch of %d", len(rows))
+                with self._lock:
+                    self.errors += len(rows)
+                for i in rows:
+                    out[i] = e
+                rows = []
             items = index.items
             for n, i in enumerate(rows):
                 k = ks[i]

@@ -150,3 +150,38 @@ def test_metrics_time_queue_waits_and_decodes(server, gallery_dir):
     assert after["ctxsim_decode_seconds_sum"] > before["ctxsim_decode_seconds_sum"]
     assert after["ctxsim_queue_depth"] == 0
     assert after["process_cpu_seconds_total"] >= before["process_cpu_seconds_total"] > 0
+
+
+def test_a_failed_index_search_fails_only_the_searches_of_its_batch(flat_index, gallery_dir):
+    """/embed requests batched with searches keep their answers when the index search fails."""
+    import asyncio
+
+    from ctxsim.deploy import load_index
+    from ctxsim.deploy.batcher import DynamicBatcher
+    from ctxsim.deploy.embedder import open_index_model
+
+    index = load_index(flat_index)
+    embedder = open_index_model(index.info, None)
+
+    class BrokenSearch:  # the real index, whose search raises (a FAISS failure, a closed Milvus client)
+        items, info = index.items, index.info
+
+        def search(self, queries, k):
+            raise RuntimeError("index search failed")
+
+    data = sorted(gallery_dir.rglob("*.png"))[0].read_bytes()
+
+    async def run():
+        batcher = DynamicBatcher(embedder, BrokenSearch(), max_batch=8, wait_ms=200.0)
+        await batcher.start()
+        try:
+            return await asyncio.gather(batcher.submit(data, None), batcher.submit(data, 3), batcher.submit(data, None),
+                                        return_exceptions=True)
+        finally:
+            await batcher.stop()
+
+    embedded, searched, embedded_too = asyncio.run(run())
+    assert isinstance(searched, RuntimeError) and "index search failed" in str(searched)
+    for res in (embedded, embedded_too):
+        emb, hits, fp = res
+        assert hits is None and fp == embedder.fingerprint and emb.shape == (embedder.dim,)
