@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -83,7 +84,9 @@ def _is_typeddict(type_: Any) -> bool:
     return isinstance(type_, type) and issubclass(type_, dict) and hasattr(type_, "__required_keys__")
 
 
+@functools.cache
 def _hints(cls: type) -> dict[str, Any]:
+    # resolving string annotations costs ~0.1 ms a class; Preprocess is read on every served batch
     return typing.get_type_hints(cls)
 
 

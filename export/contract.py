@@ -11,6 +11,7 @@ one by one: docs/CONTRACTS.md and docs/EXPORT.md.
 """
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -78,10 +79,10 @@ def contract_preprocess(contract: Mapping[str, Any]):
     """The ``ctxsim.data.transforms.Preprocess`` recorded in a contract."""
     from ctxsim.data.transforms import Preprocess
 
-    try:
-        return Preprocess.from_dict({k: contract[k] for k in _PREPROCESS_KEYS})
-    except KeyError as e:
-        raise ArtifactError(f"preprocessing contract lacks {e.args[0]!r}; re-export the model") from None
+    try:  # channels and interpolation have defaults; the sizes, mean and std are required
+        return Preprocess.from_dict({k: contract[k] for k in _PREPROCESS_KEYS if k in contract})
+    except ConfigError as e:
+        raise ArtifactError(f"the model's preprocessing contract is unusable ({e}); re-export the model") from None
 
 
 # ---------------------------------------------------------------------------------------------- ONNX metadata
@@ -109,8 +110,10 @@ def contract_from_metadata(meta: Mapping[str, str], where: str = "the model") ->
 
 
 # ---------------------------------------------------------------------------------------------- preprocessing
-def _split_eval_transform(preprocess) -> tuple[list, list]:
-    """The eval transform's steps, split into the PIL steps (convert, resize, crop) and the tensor steps."""
+@functools.lru_cache(maxsize=16)
+def _split_eval_transform(preprocess) -> tuple[tuple, tuple]:
+    """The eval transform's steps, split into the PIL steps (convert, resize, crop) and the tensor steps; built
+    once per contract (``Preprocess`` is frozen and hashable), not on every served batch."""
     from torchvision import transforms as T
 
     from ctxsim.data.transforms import eval_transform
@@ -118,7 +121,7 @@ def _split_eval_transform(preprocess) -> tuple[list, list]:
     steps = list(eval_transform(preprocess).transforms)
     for i, step in enumerate(steps):
         if isinstance(step, (T.ToTensor, T.PILToTensor)) or type(step).__name__ in ("ToImage", "ToTensor"):
-            return steps[:i], steps[i:]
+            return tuple(steps[:i]), tuple(steps[i:])
     raise ArtifactError("ctxsim.data.transforms.eval_transform has no ToTensor step; "
                         "export.contract cannot split it for uint8 input")  # pragma: no cover - guards a refactor
 
@@ -137,9 +140,9 @@ def preprocess_batch(images: Sequence, contract: Mapping[str, Any]) -> np.ndarra
                         np.float32 if fmt == "float_nchw" else np.uint8)
     pil_steps, tensor_steps = _split_eval_transform(preprocess)
     if fmt == "float_nchw":
-        full = T.Compose(pil_steps + tensor_steps)
+        full = T.Compose([*pil_steps, *tensor_steps])
         return torch.stack([full(img) for img in images]).numpy().astype(np.float32, copy=False)
-    crop = T.Compose(pil_steps)
+    crop = T.Compose(list(pil_steps))
     out = []
     for img in images:
         a = np.asarray(crop(img), dtype=np.uint8)
