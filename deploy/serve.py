@@ -63,13 +63,14 @@ def _check_settings(max_upload_bytes: int, max_pixels: int, token: str | None, r
         raise ConfigError(f"reload_every_s must be >= 0 (0: never reload), got {reload_every_s}")
 
 
-def _model_opener(device: str, max_batch: int, precision: str, compile: bool, threads: int | None) -> Any:
-    """path -> Embedder, at start-up and in the watcher's thread for a followed model."""
+def _model_opener(device: str, max_batch: int, precision: str, compile: bool) -> Any:
+    """path -> Embedder, at start-up and in the watcher's thread for a followed model; under the thread policy
+    create_app applied (not applied again on each open)."""
     from ctxsim.deploy.embedder import Embedder
 
     def open_model(path: Any) -> Any:
         new = Embedder.from_artifact(path, device=device, batch_size=max(64, max_batch), precision=precision,
-                                     compile=compile, threads=threads)
+                                     compile=compile)
         if compile:  # build (and tune) the graphs now, not on the first requests
             logger.info("compiling %s for batches of 1 and %d (once; minutes with max-autotune on a GPU)",
                         path, new.batch_size)
@@ -125,7 +126,7 @@ def create_app(index_dir: Any, model: Any = None, token: str | None = None,
     _check_settings(max_upload_bytes, max_pixels, token, reload_every_s)
     policy = set_threads(threads, reserve=1)  # default: a core for the event loop, the rest compute
     index = index_dir if isinstance(index_dir, Index) else load_index(index_dir)
-    open_model = _model_opener(device, max_batch, precision, compile, policy.threads)
+    open_model = _model_opener(device, max_batch, precision, compile)
     embedder = open_index_model(index.info, model, opener=open_model)
     _warn_unverified(embedder)
     batcher = DynamicBatcher(embedder, index, max_batch=max_batch, wait_ms=batch_wait_ms, max_pixels=max_pixels,
