@@ -54,16 +54,13 @@ from ctxsim.data.transforms import Preprocess, eval_transform
 from ctxsim.deploy.gallery import load_image
 from ctxsim.deploy.threads import ThreadPolicy, ensure_threads, ort_session_config
 from ctxsim.errors import ArtifactError, ConfigError, DataError, MissingDependency, NonFiniteEmbedding
-from ctxsim.export.contract import preprocess_batch
+from ctxsim.export.contract import contract_preprocess, preprocess_batch
 from ctxsim.export.manifest import check_artifact
 from ctxsim.export.runners import open_runner, resolve_artifact
 
 __all__ = ["Embedder", "as_embedder", "open_index_model", "resolve_device"]
 
 logger = logging.getLogger(__name__)
-
-CONTRACT_KEYS = ("input_size", "resize_size", "mean", "std", "channels", "interpolation")
-
 
 def resolve_device(device: str = "auto") -> str:
     """"auto" -> "cuda" when CUDA is available, else "cpu"; "cuda"/"cuda:N"/"cpu" are checked."""
@@ -179,7 +176,7 @@ class _RunnerBackend:
             raise ArtifactError(f"{path} records no model fingerprint; re-export it with `ctxsim export`")
         dim = self.contract.get("embedding_dim")
         self.dim = int(dim) if dim else None
-        self.preprocess_spec = Preprocess.from_dict({k: self.contract[k] for k in CONTRACT_KEYS if k in self.contract})
+        self.preprocess_spec = contract_preprocess(self.contract)
 
     def preprocess(self, images: list[Image.Image]) -> np.ndarray:
         return preprocess_batch(images, self.contract)

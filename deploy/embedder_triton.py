@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, MissingDependency
+from ctxsim.export.contract import contract_preprocess
 from ctxsim.export.triton import CONTRACT_PARAMETER
 
 __all__ = ["CONTRACT_PARAMETER", "TritonBackend", "is_triton_url", "parse_triton_url"]
@@ -43,9 +44,6 @@ class TritonBackend:
     """The Embedder backend of a Triton-served ctxsim model (HTTP; see the module docstring)."""
 
     def __init__(self, url: str) -> None:
-        from ctxsim.data.transforms import Preprocess
-        from ctxsim.deploy.embedder import CONTRACT_KEYS
-
         try:
             import tritonclient.http as httpclient
         except ImportError:
@@ -63,7 +61,14 @@ class TritonBackend:
         if not raw:
             raise ArtifactError(f"{self.canonical} has no {CONTRACT_PARAMETER} parameter in its config: write the "
                                 "repository with this ctxsim's `ctxsim export --triton`")
-        self.contract: dict[str, Any] = json.loads(raw)
+        try:
+            contract = json.loads(raw)
+        except ValueError:
+            contract = None
+        if not isinstance(contract, dict):
+            raise ArtifactError(f"{self.canonical}: {CONTRACT_PARAMETER} is not a JSON object; re-export the "
+                                "repository with `ctxsim export --triton`")
+        self.contract: dict[str, Any] = contract
         self.fingerprint = str(self.contract.get("fingerprint") or "")
         if not self.fingerprint:
             raise ArtifactError(f"{self.canonical}'s contract records no model fingerprint; re-export it")
@@ -71,7 +76,7 @@ class TritonBackend:
         self.device = "cpu"  # where this process's tensors live; the network runs on the server
         dim = self.contract.get("embedding_dim")
         self.dim = int(dim) if dim else None
-        self.preprocess_spec = Preprocess.from_dict({k: self.contract[k] for k in CONTRACT_KEYS if k in self.contract})
+        self.preprocess_spec = contract_preprocess(self.contract)
 
     def preprocess(self, images: list[Any]) -> np.ndarray:
         from ctxsim.export.contract import preprocess_batch
