@@ -27,6 +27,7 @@ from ctxsim.deploy.index_backends import (
     check_params,
     default_params,
     engine_for,
+    read_embeddings,
     want_gpu,
 )
 from ctxsim.deploy.index_store import (
@@ -147,7 +148,7 @@ class Index:
         if self._embeddings is None:
             if self._embeddings_path is None:
                 raise ArtifactError("this index keeps no embeddings; rebuild it")
-            self._embeddings = np.load(self._embeddings_path, mmap_mode="r", allow_pickle=False)
+            self._embeddings = read_embeddings(self._embeddings_path, mmap=True)
         return self._embeddings
 
     # -- search
@@ -242,7 +243,7 @@ def load_index(index_dir: str | os.PathLike[str], verify: bool = True, gpu: bool
     if isinstance(backend, TorchExact):
         emb = backend.embeddings  # read whole to search them: kept, not mapped a second time
     else:  # memory-mapped now, so that a later `add` superseding the file does not pull it from under us
-        emb = np.load(emb_path, mmap_mode="r", allow_pickle=False) if emb_path is not None else None
+        emb = read_embeddings(emb_path, mmap=True) if emb_path is not None else None
     if backend.ntotal != info.count:
         close = getattr(backend, "close", None)
         if callable(close):

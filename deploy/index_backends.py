@@ -23,7 +23,7 @@ from ctxsim.errors import ArtifactError, ConfigError, DataError, MissingDependen
 
 __all__ = ["FAISS_TYPES", "INDEX_TYPES", "FaissEngine", "IndexBackend", "IndexEngine", "TorchEngine",
            "TorchExact", "check_embeddings", "check_index_type", "check_params", "default_params", "engine_for",
-           "want_gpu"]
+           "read_embeddings", "want_gpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +116,15 @@ def check_embeddings(embeddings: Any) -> np.ndarray:
     if not np.isfinite(emb).all():
         raise DataError("embeddings contain NaN or infinite values; check the model")
     return emb
+
+
+def read_embeddings(path: Path, mmap: bool = False) -> np.ndarray:
+    """An index folder's stored embeddings (``.npy``; memory-mapped with ``mmap``); a file numpy cannot read (truncated,
+    not an array, pickled objects) is a one-line ArtifactError, as an unreadable FAISS file is."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise ArtifactError(f"cannot read {path} ({e}); rebuild the index") from None
 
 
 def want_gpu(gpu: bool, index_type: str) -> bool:
@@ -289,7 +298,7 @@ class TorchEngine:
     def load(self, folder: Path, info: IndexInfo, gpu: bool = False, device: str | None = None) -> IndexBackend:
         """The embeddings file ``info`` names, read whole and checked against its dimension."""
         path = folder / info.files["embeddings"]
-        emb = np.load(path, allow_pickle=False)
+        emb = read_embeddings(path)
         if emb.ndim != 2 or emb.shape[1] != info.dim:
             raise ArtifactError(f"{path} holds embeddings of shape {emb.shape}, not [{info.count}, {info.dim}] "
                                 f"as {META} says; rebuild the index")

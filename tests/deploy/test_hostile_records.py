@@ -122,3 +122,17 @@ def test_any_mutated_model_json_is_one_line_or_works(data, flat_index, run_dir, 
     code, err = run_main(["search", str(flat_index), str(query), "--model", str(run), "-k", "3", "--json"],
                          capsys, monkeypatch)
     assert_one_line(code, err)
+
+
+@pytest.mark.parametrize("kind", ["torch", "flat"])
+def test_an_unreadable_embeddings_file_is_one_line(tmp_path, indexes, kind):
+    """Loaded unverified (or truncated after hashing), a damaged .npy is an ArtifactError, not numpy's ValueError."""
+    from ctxsim.deploy import load_index
+    from ctxsim.errors import ArtifactError
+
+    idx = _copy(indexes[kind], tmp_path / "idx")
+    emb = idx / json.loads((idx / "index.json").read_text())["files"]["embeddings"]
+    emb.write_bytes(emb.read_bytes()[:100])
+    with pytest.raises(ArtifactError, match=r"cannot read .*embeddings.*; rebuild the index"):
+        index = load_index(idx, verify=False)
+        index.embeddings  # noqa: B018 - the flat index maps its embeddings on load
