@@ -17,6 +17,7 @@ the model once, decodes and embeds its batches); the driver writes the shards in
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -114,10 +115,18 @@ class _EmbedBatch:
         out = np.zeros((len(paths), dim), np.float32)
         if ok:
             out[np.asarray(ok)] = emb
-        reasons = [""] * len(paths)
+        # every row not in ``ok`` failed (by position: a path listed twice is two rows); its reason, by path
+        why: dict[str, list[str]] = {}
         for path, reason in bad:
-            reasons[paths.index(path)] = reason or "unreadable"
+            why.setdefault(path, []).append(reason)
+        done = set(ok)
+        reasons = ["" if i in done else ((why.get(p) or [""]).pop(0) or "unreadable") for i, p in enumerate(paths)]
         return {"idx": np.asarray(batch["idx"]), "embedding": list(out), "error": reasons}
+
+
+def _paths_digest(items: Any) -> str:
+    """sha256 of a shard's image paths: a rerun keeps a shard only when the gallery still lists the same images."""
+    return hashlib.sha256("\n".join(it.path for it in items).encode()).hexdigest()
 
 
 def _in_process(embedder: Any, paths: list[str]) -> Iterator[tuple[int, np.ndarray | None, str]]:
@@ -180,8 +189,9 @@ def embed_to_shards(gallery: Any, model: str | os.PathLike[str], out_dir: str | 
     todo = []
     for i, (a, b) in enumerate(ranges):
         meta = _shard_meta(folder / _shard_name(i)) if (folder / _shard_name(i)).exists() else None
-        if meta and meta.get("fingerprint") == fp and meta.get("start") == a and meta.get("stop") == b:
-            continue  # complete from an earlier run
+        if (meta and meta.get("fingerprint") == fp and meta.get("start") == a and meta.get("stop") == b
+                and meta.get("paths_sha256") == _paths_digest(g.items[a:b])):
+            continue  # complete from an earlier run over the same images
         todo.append(i)
     if todo:
         paths = [g.items[j].path for i in todo for j in range(*ranges[i])]
@@ -204,7 +214,8 @@ def embed_to_shards(gallery: Any, model: str | os.PathLike[str], out_dir: str | 
                     got.append((it.path, it.label, e))
             emb = np.stack([e for _, _, e in got]) if got else np.zeros((0, dim), np.float32)
             _write_shard(folder / _shard_name(i), [p for p, _, _ in got], [lb for _, lb, _ in got], emb, dim,
-                         {"fingerprint": fp, "dim": dim, "start": a, "stop": b, "skipped": bad})
+                         {"fingerprint": fp, "dim": dim, "start": a, "stop": b, "skipped": bad,
+                          "paths_sha256": _paths_digest(g.items[a:b])})
             if progress is not None:
                 progress(b, n)
     shards, skipped, count = [], [], 0

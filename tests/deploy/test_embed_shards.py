@@ -89,6 +89,24 @@ def test_resume_keeps_complete_shards(tmp_path, shards, gallery_list, run_dir):
     assert json.loads((out / MANIFEST).read_text())["shards"] == json.loads((shards / MANIFEST).read_text())["shards"]
 
 
+def test_resume_embeds_again_a_shard_whose_images_changed(tmp_path, shards, gallery_list, run_dir):
+    """A rerun over an edited list keeps only the shards whose images are still the same."""
+    out = tmp_path / "emb"
+    shutil.copytree(shards, out)
+    lines = gallery_list.read_text().splitlines()
+    lines[0], lines[1] = lines[1], lines[0]  # shard 0 now lists its first two images the other way round
+    edited = tmp_path / "edited.txt"
+    edited.write_text("\n".join(lines) + "\n")
+    kept = (out / "shard-00001.parquet").stat().st_mtime_ns
+    time.sleep(0.01)
+    embed_to_shards(edited, run_dir, out, shard_size=100, batch_size=32)
+    assert (out / "shard-00001.parquet").stat().st_mtime_ns == kept
+    embed_to_shards(edited, run_dir, tmp_path / "fresh", shard_size=100, batch_size=32)
+    again, fresh = read_embeddings(out), read_embeddings(tmp_path / "fresh")
+    assert again.items == fresh.items
+    np.testing.assert_array_equal(again.embeddings, fresh.embeddings)
+
+
 @pytest.mark.ray
 def test_ray_pipeline_equals_in_process(tmp_path, shards, gallery_list, run_dir):
     pytest.importorskip("ray", reason="ray is not installed (pip install 'ctxsim[ray]')")
