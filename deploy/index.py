@@ -357,20 +357,29 @@ def _check_out(out_dir: str | os.PathLike[str], overwrite: bool) -> Path:
 def _check_engine(engine: str, index_type: str, gpu: bool, batch_size: int, device_decode: bool,
                   model_artifact: Any, as_embedder: Callable[..., Any]) -> Any:
     """Check the engine and index type before the gallery is embedded, then open the model."""
+    index_type = _engine_index_type(engine, index_type)
+    if engine == "milvus":
+        if gpu:
+            raise ConfigError("--gpu is for FAISS; a Milvus server places its own indexes")
+        _milvus_available()
+    else:
+        want_gpu(gpu, index_type)  # before the gallery is embedded: a missing GPU fails fast
+    return as_embedder(model_artifact, batch_size, device_decode)
+
+
+def _engine_index_type(engine: str, index_type: str) -> str:
+    """ctxsim's index type for ``index_type`` on ``engine`` (Milvus's ivf_flat is ivf); ConfigError when the engine
+    is unknown or has no such type."""
     if engine == "milvus":
         from ctxsim.deploy.index_milvus import MILVUS_TYPES
 
         if index_type not in MILVUS_TYPES:
             raise ConfigError(f"--backend milvus takes --type flat, hnsw or ivf_flat, got {index_type!r}")
-        if gpu:
-            raise ConfigError("--gpu is for FAISS; a Milvus server places its own indexes")
-        _milvus_available()
-    elif engine == "faiss":
-        check_index_type(index_type)
-        want_gpu(gpu, index_type)  # before the gallery is embedded: a missing GPU fails fast
-    else:
+        index_type = "ivf" if index_type == "ivf_flat" else index_type
+    elif engine != "faiss":
         raise ConfigError(f"unknown index backend {engine!r}; use faiss or milvus")
-    return as_embedder(model_artifact, batch_size, device_decode)
+    check_index_type(index_type)
+    return index_type
 
 
 def _milvus_available() -> None:
@@ -386,15 +395,7 @@ def build_from_embeddings(emb: np.ndarray, paths_labels: Sequence[tuple[str, str
                           model_backend: str | None = None,
                           skipped: list[tuple[str, str]] | None = None) -> IndexInfo:
     """Write an index folder over ``emb`` [N, D] (row i is item i: ``paths_labels[i]``) of model ``fingerprint``."""
-    if engine == "milvus":
-        from ctxsim.deploy.index_milvus import MILVUS_TYPES
-
-        if index_type not in MILVUS_TYPES:
-            raise ConfigError(f"--backend milvus takes --type flat, hnsw or ivf_flat, got {index_type!r}")
-        index_type = "ivf" if index_type == "ivf_flat" else index_type
-    elif engine != "faiss":
-        raise ConfigError(f"unknown index backend {engine!r}; use faiss or milvus")
-    check_index_type(index_type)
+    index_type = _engine_index_type(engine, index_type)
     folder = _check_out(out_dir, overwrite)
     bad = list(skipped or [])
     emb = check_embeddings(emb)
