@@ -24,12 +24,13 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
 from ctxsim.errors import ArtifactError, ConfigError, DataError, FingerprintMismatch, MissingDependency
 from ctxsim.io import atomic_path, atomic_write_json, read_json, sha256_file
+from ctxsim.schema import check
 
 __all__ = ["MANIFEST", "Embeddings", "embed_to_shards", "read_embeddings"]
 
@@ -37,6 +38,26 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 FORMAT = "ctxsim-embeddings/1"
+
+
+class ShardEntry(TypedDict):
+    file: str
+    sha256: str
+
+
+class _ManifestKeys(TypedDict):
+    format: str
+    fingerprint: str
+    dim: int
+    shards: list[ShardEntry]
+
+
+class EmbeddingsManifest(_ManifestKeys, total=False):
+    """``manifest.json`` of an embeddings folder as readers check it (other keys are kept as they are)."""
+
+    skipped: list[tuple[str, str]]
+    model: str | None
+    backend: str | None
 _META_KEY = b"ctxsim"
 
 
@@ -246,19 +267,20 @@ def read_embeddings(folder: str | os.PathLike[str], fingerprint: str | None = No
     if not (folder / MANIFEST).is_file():
         raise ArtifactError(f"{folder} holds no {MANIFEST} (not an embeddings folder, or `ctxsim embed` did not "
                             "finish; run it again to resume)")
-    m = read_json(folder / MANIFEST)
-    if not isinstance(m, dict) or m.get("format") != FORMAT or not isinstance(m.get("shards"), list):
+    m = check(read_json(folder / MANIFEST), EmbeddingsManifest, "manifest", error=ArtifactError,
+              where=str(folder / MANIFEST), hint="run `ctxsim embed` again")
+    if m["format"] != FORMAT or m["dim"] < 1:
         raise ArtifactError(f"{folder / MANIFEST} is not a ctxsim embeddings manifest")
-    fp, dim = str(m.get("fingerprint")), int(m.get("dim", 0))
+    fp, dim = m["fingerprint"], m["dim"]
     if fingerprint is not None and fingerprint != fp:
         raise FingerprintMismatch(f"embeddings of model {fp}, expected model {fingerprint}: re-embed the gallery")
     embs: list[np.ndarray] = []
     items: list[tuple[str, str | None]] = []
     for s in m["shards"]:
-        p = folder / str(s.get("file"))
-        if Path(str(s.get("file"))).name != s.get("file") or not p.is_file():
+        p = folder / s["file"]
+        if Path(s["file"]).name != s["file"] or not p.is_file():
             raise ArtifactError(f"{p} named by {MANIFEST} is missing; run `ctxsim embed` again")
-        if sha256_file(p) != s.get("sha256"):
+        if sha256_file(p) != s["sha256"]:
             raise ArtifactError(f"{p} does not match the sha256 in {MANIFEST} (replaced or damaged); "
                                 "run `ctxsim embed` again")
         meta = _shard_meta(p) or {}
@@ -272,5 +294,5 @@ def read_embeddings(folder: str | os.PathLike[str], fingerprint: str | None = No
         items.extend(zip(paths, labels))
     if not items:
         raise DataError(f"{folder} holds no embeddings (every image was unreadable)")
-    skipped = [(str(x[0]), str(x[1])) for x in m.get("skipped", [])]
+    skipped = list(m.get("skipped", []))
     return Embeddings(np.concatenate(embs), items, fp, dim, m.get("model"), m.get("backend"), skipped)

@@ -140,3 +140,19 @@ def test_embed_and_index_build_from_embeddings_cli(tmp_path, shards, gallery_lis
     got, ref = load_index(tmp_path / "i"), load_index(flat_index)
     assert got.fingerprint == ref.fingerprint and got.count == ref.count
     assert got.info.model == ref.info.model  # the model travels with the shards: `search` finds it
+
+
+@pytest.mark.parametrize("changes, words", [
+    ({"dim": "64"}, "manifest.dim must be an integer, got '64'"),
+    ({"shards": [{"file": "shard-00000.parquet"}]}, "manifest.shards[0] lacks 'sha256'"),
+    ({"skipped": [["a.png"]]}, "manifest.skipped[0] must be a list of 2 values"),
+    ({"dim": 0}, "is not a ctxsim embeddings manifest"),
+])
+def test_a_damaged_embeddings_manifest_is_one_line(tmp_path, shards, changes, words):
+    out = tmp_path / "emb"
+    shutil.copytree(shards, out)
+    m = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps({**m, **changes}))
+    with pytest.raises(ArtifactError) as e:
+        read_embeddings(out)
+    assert words in str(e.value) and "\n" not in str(e.value)
