@@ -257,12 +257,13 @@ def _check_collection(client: Any, name: str, uri: str, dim: int, fingerprint: s
     try:
         tag = ({"fingerprint": props[_FP_PROP], "dim": props.get(_DIM_PROP)} if _FP_PROP in props
                else json.loads(desc.get("description") or "{}")[_TAG])
-    except (ValueError, KeyError, TypeError):
+        tag_dim = int(tag.get("dim") or -1)
+    except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, no tag, a tag that is not a mapping
         raise ArtifactError(f"Milvus collection {name!r} was not written by ctxsim; rebuild the index") from None
     if tag.get("fingerprint") != fingerprint:
         raise FingerprintMismatch(f"Milvus collection {name!r} holds vectors of model {tag.get('fingerprint')}, "
                                   f"index.json says {fingerprint}: rebuild the index")
-    if int(tag.get("dim") or -1) != dim:
+    if tag_dim != dim:
         raise ArtifactError(f"Milvus collection {name!r} holds {tag.get('dim')}-d vectors, not {dim}-d as "
                             "index.json says; rebuild the index")
     client.load_collection(name)
