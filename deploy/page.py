@@ -85,17 +85,12 @@ def render_thumbnail(path: str | os.PathLike, size: int = THUMBNAIL_PX) -> tuple
     """(encoded bytes, media type) of the image at ``path`` shrunk to at most ``size`` a side, as the model sees it
     ("L" or "RGB"): JPEG when the file is a JPEG, PNG otherwise. The size is checked from the header first
     (``ctxsim.data.limits``); raises whatever reading or decoding raises."""
-    from ctxsim.data.images import as_l_or_rgb
-    from ctxsim.data.limits import check_image_size
+    from ctxsim.data.images import open_image
 
-    with Image.open(path) as im:
-        width, height = im.size
-        check_image_size(width, height, name=str(path))
-        fmt = "JPEG" if im.format == "JPEG" else "PNG"
-        im.draft(None, (size, size))  # JPEG: decode at 1/2 .. 1/8 scale when that is still >= size
-        im.load()
-        small = as_l_or_rgb(im)
-        small.thumbnail((size, size), Image.Resampling.LANCZOS)
+    with Image.open(path) as probe:  # the header only: the format to answer in
+        fmt = "JPEG" if probe.format == "JPEG" else "PNG"
+    small = open_image(path, draft=size)  # size checked from the header, JPEG decoded at a reduced scale
+    small.thumbnail((size, size), Image.Resampling.LANCZOS)
     buf = io.BytesIO()
     if fmt == "JPEG":
         small.save(buf, "JPEG", quality=85)

@@ -29,8 +29,9 @@ def as_l_or_rgb(im: Image.Image) -> Image.Image:
     return im.convert("L" if im.mode in GREYSCALE_MODES else "RGB")
 
 
-def open_image(fp: Any) -> Image.Image:
-    """Open and fully decode an image from a path or file object, as "L" or "RGB" (:func:`as_l_or_rgb`).
+def open_image(fp: Any, draft: int | None = None) -> Image.Image:
+    """Open and fully decode an image from a path or file object, as "L" or "RGB" (:func:`as_l_or_rgb`); with
+    ``draft``, a JPEG is decoded at the smallest 1/2 .. 1/8 scale still at least ``draft`` pixels a side.
 
     The size is checked from the header before decoding (``ctxsim.data.limits.check_image_size``: ImageRefused or
     ImageTooLarge). Otherwise raises whatever Pillow raises; wrap the call in :func:`image_errors`.
@@ -38,6 +39,8 @@ def open_image(fp: Any) -> Image.Image:
     with Image.open(fp) as im:
         width, height = im.size
         check_image_size(width, height, name=str(fp) if isinstance(fp, (str, os.PathLike)) else None)
+        if draft is not None:
+            im.draft(None, (draft, draft))
         im.load()
         return im.copy() if im.mode in ("L", "RGB") else as_l_or_rgb(im)
 
