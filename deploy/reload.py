@@ -31,12 +31,16 @@ class IndexWatcher:
         self.folder, self.batcher = folder, batcher
         self.every_s = float(every_s)
         self.open_model = open_model  # path -> Embedder: follow a generation built with another model
-        self.generation = batcher.index.info.generation
         self.reloads = 0
         self.failures = 0
         self.refused: int | None = None  # a generation that failed: not retried until another one appears
         self.last_error: str | None = None
         self._task: asyncio.Task | None = None
+
+    @property
+    def generation(self) -> int:
+        """The generation being served (the batcher's index)."""
+        return int(self.batcher.index.info.generation)
 
     def stats(self) -> dict:
         return {"every_s": self.every_s, "generation": self.generation, "reloads": self.reloads,
@@ -86,7 +90,7 @@ class IndexWatcher:
         close = getattr(old, "close", None)
         if callable(close):
             loop.call_later(30.0, close)
-        self.generation, self.refused, self.last_error = new.info.generation, None, None
+        self.refused, self.last_error = None, None
         self.reloads += 1
         logger.info("%s: now serving generation %d (%d items, model %s)", self.folder, new.info.generation,
                     new.info.count, embedder.fingerprint)
