@@ -209,14 +209,19 @@ def _parse_k(raw: Any, ctx: ServeContext) -> int:
 
 
 async def _read_upload(request: Request, ctx: ServeContext) -> tuple[bytes, Any]:
-    """(the uploaded image's bytes, the ``k`` form field or None): multipart or a raw ``image/*`` body."""
+    """(the uploaded image's bytes, the ``k`` form field or None): multipart or a raw ``image/*`` body; over
+    ``max_upload_bytes`` is 413."""
+    data, k = await _upload_and_k(request, ctx)
+    if len(data) > ctx.max_upload_bytes:
+        raise HTTPError(413, f"upload exceeds the limit of {ctx.max_upload_bytes} bytes")
+    return data, k
+
+
+async def _upload_and_k(request: Request, ctx: ServeContext) -> tuple[bytes, Any]:
     ctype = request.headers.get("content-type", "")
     media = ctype.partition(";")[0].strip().lower()
     if media.startswith("image/"):
-        data = await request.body()
-        if len(data) > ctx.max_upload_bytes:
-            raise HTTPError(413, f"upload exceeds the limit of {ctx.max_upload_bytes} bytes")
-        return data, None
+        return await request.body(), None
     form = await request.form()  # multipart (and urlencoded) parsed; anything else: empty
     try:
         image, file, k = form.get("image"), form.get("file"), form.get("k")
@@ -228,9 +233,7 @@ async def _read_upload(request: Request, ctx: ServeContext) -> tuple[bytes, Any]
                                  "image itself with Content-Type image/...")
         if isinstance(up, str):
             raise HTTPError(422, "the 'image' part is not a file; send it as a file part (with a filename)")
-        data = await up.read(ctx.max_upload_bytes + 1)
-        if len(data) > ctx.max_upload_bytes:
-            raise HTTPError(413, f"upload exceeds the limit of {ctx.max_upload_bytes} bytes")
+        data = await up.read(ctx.max_upload_bytes + 1)  # one byte over is enough to refuse it
         if not isinstance(k, (str, type(None))):
             raise HTTPError(422, "k must be a form field, not a file")
         return data, (None if k == "" else k)  # an empty form field is an absent one, as FastAPI reads forms
